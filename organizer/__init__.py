@@ -1,0 +1,2 @@
+"""organizer: sort a photo library into one folder per person."""
+__version__ = "0.1.0"
