@@ -1,0 +1,188 @@
+"""The `organizer` command: a thin click layer over the Python API (pipeline, service, store)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .config import ConfigError, Settings, load_config
+from .logs import setup_logging
+from .store import Store, StoreError
+
+log = logging.getLogger("organizer")
+
+
+def common_options(fn):
+    """--watch/--output/--db/--config on every command; flags override the TOML file."""
+
+    @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), help="TOML config file.")
+    @click.option("--watch", type=click.Path(file_okay=False, path_type=Path), help="Folder of photos to watch.")
+    @click.option("--output", type=click.Path(file_okay=False, path_type=Path), help="Folder for the person folders.")
+    @click.option("--db", type=click.Path(dir_okay=False, path_type=Path), help="SQLite store (default <output>/.organizer/organizer.db).")
+    @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False), help="Log verbosity.")
+    @functools.wraps(fn)
+    def wrapper(config_path, watch, output, db, log_level, **kwargs):
+        try:
+            settings = load_config(
+                config_path,
+                {
+                    "paths.watch": str(watch) if watch else None,
+                    "paths.output": str(output) if output else None,
+                    "paths.db": str(db) if db else None,
+                    "service.log_level": log_level.upper() if log_level else None,
+                },
+            )
+        except ConfigError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        setup_logging(settings.service.log_level)
+        try:
+            return fn(settings=settings, **kwargs)
+        except (StoreError, ConfigError, FileNotFoundError, NotADirectoryError) as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+def _require(settings: Settings, *keys: str) -> None:
+    missing = [k for k in keys if getattr(settings.paths, k) is None]
+    if missing:
+        flags = ", ".join(f"--{k} (paths.{k})" for k in missing)
+        raise click.UsageError(f"missing {flags}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="organizer")
+def cli():
+    """Sort a photo library into one folder per person."""
+
+
+@cli.command()
+@common_options
+@click.option("--polling", is_flag=True, default=None, help="Poll the folder instead of kernel events (network shares).")
+def run(settings: Settings, polling):
+    """Run the service: watch the folder and keep the person folders up to date."""
+    from .service import Service
+
+    _require(settings, "watch", "output")
+    if polling:
+        settings.service.polling = True
+    sys.exit(Service(settings).run())
+
+
+@cli.command()
+@common_options
+def scan(settings: Settings):
+    """Process every photo in the watched folder once, then exit."""
+    from .encode import check_models
+    from .pipeline import Organizer
+    from .progress import progress_reporter
+
+    _require(settings, "watch", "output")
+    check_models()
+    with Store.open(settings.db_path) as store:
+        org = Organizer(settings, store)
+        try:
+            with progress_reporter("Scanning") as progress:
+                report = org.scan(progress=progress)
+        finally:
+            org.close()
+        st = store.status()
+    click.echo(
+        f"{report.seen} photos seen, {report.encoded} encoded, {report.duplicates} duplicates, "
+        f"{report.failed} failed, {report.removed} removed; "
+        f"{st['clusters']} people, {st['doubtful_faces']} doubtful faces"
+    )
+
+
+@cli.command()
+@common_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--errors", default=10, show_default=True, help="How many recent errors to list.")
+def status(settings: Settings, as_json: bool, errors: int):
+    """What the store knows: photos, faces, people, doubtful faces, failures."""
+    with Store.open_readonly(settings.db_path) as store:
+        st = store.status(errors)
+        st["people"] = [
+            {"id": c["id"], "name": c["name"], "faces": c["size"]} for c in store.clusters()
+        ]
+    if as_json:
+        click.echo(json.dumps(st, indent=2))
+        return
+    click.echo(f"store:             {settings.db_path}")
+    click.echo(f"photos:            {st['photos']} ({st['photos_with_faces']} with faces, "
+               f"{st['photos_without_faces']} without)")
+    click.echo(f"failed:            {st['failed']}")
+    click.echo(f"faces:             {st['faces']} ({st['doubtful_faces']} doubtful)")
+    click.echo(f"people (clusters): {st['clusters']} ({st['named_clusters']} named)")
+    if st["last_errors"]:
+        click.echo("recent errors:")
+        for e in st["last_errors"]:
+            click.echo(f"  {e['path']}: {e['error']}")
+
+
+@cli.command()
+@common_options
+def recluster(settings: Settings):
+    """Re-run batch DBSCAN over all faces (ids stay stable) and repair the output tree."""
+    from .pipeline import Organizer
+
+    _require(settings, "output")
+    with Store.open(settings.db_path) as store:
+        org = Organizer(settings, store, workers=1)
+        org.refresh()
+        click.echo(f"{len(store.clusters())} people")
+
+
+@cli.command()
+@common_options
+@click.argument("cluster_id", type=int)
+@click.argument("name", required=False)
+@click.option("--clear", is_flag=True, help="Remove the name (back to cluster_<id>).")
+def name(settings: Settings, cluster_id: int, name: str | None, clear: bool):
+    """Name a person: cluster_<ID>/ becomes <NAME>/ (the service picks it up)."""
+    from .output import validate_person_name
+
+    _require(settings, "output")
+    if not clear and not name:
+        raise click.UsageError("give a NAME or --clear")
+    try:
+        value = None if clear else validate_person_name(name)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    # Naming is a single small write; it goes through SQLite's own locking so it also works
+    # while the service runs (the service notices the change and renames the folder).
+    store = Store.open_for_edit(settings.db_path)
+    try:
+        store.set_cluster_name(cluster_id, value)
+        if store.locked:  # no service running: rename the folder now
+            from .pipeline import Organizer
+
+            Organizer(settings, store, workers=1).reconcile()
+    finally:
+        store.close()
+    click.echo(f"cluster {cluster_id} is now {value or f'cluster_{cluster_id}'}")
+
+
+@cli.group()
+def config():
+    """Configuration helpers."""
+
+
+@config.command("check")
+@common_options
+def config_check(settings: Settings):
+    """Validate the configuration and print the effective settings."""
+    click.echo(json.dumps(settings.model_dump(mode="json"), indent=2))
+    click.echo("configuration OK", err=True)
+
+
+def main() -> None:
+    cli(prog_name="organizer")

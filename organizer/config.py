@@ -1,0 +1,136 @@
+"""Configuration: a TOML file validated by a pydantic schema, with command-line overrides.
+
+Every problem in a config file is reported at once, each with its key path (``clustering.eps``).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``errors`` lists one message per problem."""
+
+    def __init__(self, errors: list[str], source: str | None = None):
+        self.errors = errors
+        self.source = source
+        where = f" in {source}" if source else ""
+        super().__init__(f"invalid configuration{where}:\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PathsConfig(_Section):
+    watch: Path | None = Field(None, description="folder to watch for photos")
+    output: Path | None = Field(None, description="folder where person folders are written")
+    db: Path | None = Field(None, description="SQLite store; default <output>/.organizer/organizer.db")
+
+
+class DetectionConfig(_Section):
+    model: Literal["hog", "cnn"] = "hog"
+    upsample: int = Field(1, ge=0, le=3)
+    max_side: int = Field(1600, ge=64, le=20000)
+    max_pixels: int = Field(100_000_000, ge=1)
+    min_face_size: int = Field(40, ge=0)
+    min_sharpness: float = Field(0.0, ge=0)
+    num_jitters: int = Field(1, ge=1, le=100)
+    landmarks: Literal["large", "small"] = "large"
+
+
+class ClusteringConfig(_Section):
+    eps: float = Field(0.5, gt=0, lt=2)
+    min_samples: int = Field(3, ge=1)
+    doubt_margin: float = Field(0.05, ge=0, lt=2)
+
+
+class ServiceConfig(_Section):
+    settle_seconds: float = Field(2.0, ge=0)
+    rescan_interval: float = Field(600.0, ge=0, description="seconds; 0 disables periodic rescans")
+    batch_size: int = Field(32, ge=1)
+    link_mode: Literal["hardlink", "symlink", "copy"] = "hardlink"
+    workers: int = Field(0, ge=0, description="encoder processes; 0 = one per CPU core")
+    polling: bool = False
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Settings(_Section):
+    paths: PathsConfig = PathsConfig()
+    detection: DetectionConfig = DetectionConfig()
+    clustering: ClusteringConfig = ClusteringConfig()
+    service: ServiceConfig = ServiceConfig()
+
+    @model_validator(mode="after")
+    def _paths_apart(self) -> "Settings":
+        w, o = self.paths.watch, self.paths.output
+        if w is not None and o is not None and Path(w).resolve() == Path(o).resolve():
+            raise ValueError("paths.watch and paths.output must be different folders")
+        return self
+
+    @property
+    def db_path(self) -> Path:
+        if self.paths.db is not None:
+            return Path(self.paths.db)
+        if self.paths.output is None:
+            raise ConfigError(["paths.output (or --output / --db) is required to locate the store"])
+        return Path(self.paths.output) / ".organizer" / "organizer.db"
+
+    def detection_settings(self):
+        from .encode import DetectionSettings
+
+        d = self.detection
+        return DetectionSettings(
+            model=d.model,
+            upsample=d.upsample,
+            max_side=d.max_side,
+            max_pixels=d.max_pixels,
+            num_jitters=d.num_jitters,
+            landmarks=d.landmarks,
+        )
+
+
+def _format(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"{loc}: {msg}"
+
+
+def _validate(data: dict[str, Any], source: str | None) -> Settings:
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError([_format(e) for e in exc.errors()], source) from None
+
+
+def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Read ``path`` (TOML) if given, apply ``overrides`` ({"paths.watch": ...}), validate."""
+    data: dict[str, Any] = {}
+    source = str(path) if path else None
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError([f"config file not found: {path}"], source) from None
+        except OSError as exc:
+            raise ConfigError([f"cannot read config file: {exc}"], source) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([f"not valid TOML: {exc}"], source) from None
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError([f"{part}: expected a table"], source)
+        node[leaf] = value
+    return _validate(data, source)

@@ -1,0 +1,193 @@
+"""Encode: find every face in a photo and compute its 128-d dlib encoding.
+
+This is the only module that imports face_recognition / dlib. Work runs in a process pool so both
+cores are busy; results flow back to the parent, which is the only SQLite writer.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import multiprocessing
+import os
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .ingest import IngestError, load_for_detection
+
+log = logging.getLogger(__name__)
+
+_fr = None  # the face_recognition module, imported lazily (it loads ~100 MB of models)
+
+
+class EncoderUnavailable(RuntimeError):
+    """face_recognition or its models cannot be loaded."""
+
+
+def _face_recognition():
+    """Import face_recognition once, turning its side effects into explicit choices."""
+    global _fr
+    if _fr is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # face_recognition_models' pkg_resources deprecation notice
+            try:
+                import face_recognition  # noqa: PLC0415
+            except SystemExit:  # it calls quit() when face_recognition_models is missing
+                raise EncoderUnavailable(
+                    "face_recognition_models is not installed; run `uv sync` in the project folder"
+                ) from None
+            except ImportError as exc:
+                raise EncoderUnavailable(f"cannot import face_recognition/dlib: {exc}") from None
+        from PIL import ImageFile
+
+        # face_recognition silently enables decoding of truncated files for the whole process;
+        # we want a truncated photo reported, not half-processed.
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        _fr = face_recognition
+    return _fr
+
+
+@dataclass(frozen=True)
+class DetectionSettings:
+    """Everything that changes what faces are found and how they are encoded (picklable)."""
+
+    model: str = "hog"  # "hog" (CPU, fast) or "cnn" (more accurate, slow on CPU)
+    upsample: int = 1
+    max_side: int = 1600
+    max_pixels: int = 100_000_000
+    num_jitters: int = 1
+    landmarks: str = "large"  # "large" = 68-point alignment, "small" = 5-point
+
+
+@dataclass
+class FaceRecord:
+    """One detected face, in full-size (EXIF-upright) pixel coordinates."""
+
+    top: int
+    right: int
+    bottom: int
+    left: int
+    encoding: np.ndarray  # float64, shape (128,)
+    sharpness: float  # variance of the Laplacian on the face, a blur measure
+
+    @property
+    def size(self) -> int:
+        return min(self.bottom - self.top, self.right - self.left)
+
+
+@dataclass
+class PhotoResult:
+    """What encoding one photo produced: faces, or an error message."""
+
+    path: Path
+    width: int = 0
+    height: int = 0
+    faces: list[FaceRecord] = field(default_factory=list)
+    error: str | None = None
+
+
+def _sharpness(gray: np.ndarray) -> float:
+    """Variance of a 4-neighbour Laplacian: low for blurred faces."""
+    if gray.shape[0] < 3 or gray.shape[1] < 3:
+        return 0.0
+    g = gray.astype(np.float64)
+    lap = -4 * g[1:-1, 1:-1] + g[:-2, 1:-1] + g[2:, 1:-1] + g[1:-1, :-2] + g[1:-1, 2:]
+    return float(lap.var())
+
+
+def analyze_photo(path: Path, settings: DetectionSettings) -> PhotoResult:
+    """Decode ``path``, detect all faces and encode them. Never raises for bad input."""
+    path = Path(path)
+    try:
+        prepared = load_for_detection(path, settings.max_side, settings.max_pixels)
+    except IngestError as exc:
+        return PhotoResult(path=path, error=str(exc))
+    fr = _face_recognition()
+    img = prepared.pixels
+    boxes = fr.face_locations(img, number_of_times_to_upsample=settings.upsample, model=settings.model)
+    encodings = (
+        fr.face_encodings(img, boxes, num_jitters=settings.num_jitters, model=settings.landmarks)
+        if boxes
+        else []
+    )
+    gray = img.mean(axis=2)
+    faces = []
+    s = prepared.scale
+    for (top, right, bottom, left), enc in zip(boxes, encodings):
+        crop = gray[max(top, 0) : bottom, max(left, 0) : right]
+        faces.append(
+            FaceRecord(
+                top=max(0, round(top * s)),
+                right=min(prepared.width, round(right * s)),
+                bottom=min(prepared.height, round(bottom * s)),
+                left=max(0, round(left * s)),
+                encoding=np.asarray(enc, dtype=np.float64),
+                sharpness=_sharpness(crop),
+            )
+        )
+    faces.sort(key=lambda f: (f.left, f.top))
+    return PhotoResult(path=path, width=prepared.width, height=prepared.height, faces=faces)
+
+
+def _worker_init() -> None:
+    # One BLAS/OpenMP thread per worker: the pool already uses every core.
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"
+    _face_recognition()
+
+
+class EncoderPool:
+    """A process pool of encoders. ``workers=0`` encodes in the calling process."""
+
+    def __init__(self, settings: DetectionSettings, workers: int):
+        self.settings = settings
+        self.workers = workers
+        self._pool: cf.ProcessPoolExecutor | None = None
+
+    def _ensure_pool(self) -> cf.ProcessPoolExecutor:
+        if self._pool is None:
+            # spawn, not fork: the parent runs watchdog threads, and forking a threaded process
+            # can deadlock the child.
+            ctx = multiprocessing.get_context("spawn")
+            self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_worker_init)
+        return self._pool
+
+    def map(self, paths: Iterable[Path]) -> Iterator[PhotoResult]:
+        """Encode ``paths``; yields one result per path, in completion order."""
+        paths = list(paths)
+        if self.workers <= 0:
+            _face_recognition()
+            for p in paths:
+                yield analyze_photo(p, self.settings)
+            return
+        pool = self._ensure_pool()
+        futures = {pool.submit(analyze_photo, p, self.settings): p for p in paths}
+        try:
+            for fut in cf.as_completed(futures):
+                path = futures[fut]
+                try:
+                    yield fut.result()
+                except cf.process.BrokenProcessPool:
+                    # A decoder crashed hard (e.g. a segfault inside a native library): record
+                    # it against the photo and start a fresh pool for the rest.
+                    self._pool = None
+                    yield PhotoResult(path=path, error="the decoder crashed on this file")
+                except Exception as exc:  # noqa: BLE001 - a bug for one photo must not stop the service
+                    yield PhotoResult(path=path, error=f"internal error while encoding: {exc!r}")
+        finally:
+            for fut in futures:
+                fut.cancel()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+def check_models() -> None:
+    """Raise EncoderUnavailable unless the models load (used by `organizer run` at start-up)."""
+    _face_recognition()

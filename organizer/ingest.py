@@ -1,0 +1,199 @@
+"""Ingest: find photo files, hash them, and decode them into detection-ready RGB arrays.
+
+Decoding is where bad input shows up, so every failure becomes an :class:`IngestError` with a
+reason a person can read; nothing here ever writes to the original file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import struct
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+# Files that are still being written by a browser, rsync, a download manager or an editor.
+PARTIAL_SUFFIXES = frozenset({".part", ".partial", ".crdownload", ".download", ".tmp", ".temp", ".swp"})
+
+# Never decode a truncated file as if it were whole: face_recognition turns this on globally when
+# imported, encode.py turns it off again, and we pin it here too.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class IngestError(Exception):
+    """A photo that cannot be read; the message is shown to the user as the reason."""
+
+
+@dataclass
+class Prepared:
+    """A decoded photo ready for face detection."""
+
+    pixels: np.ndarray  # H x W x 3, uint8, RGB, EXIF orientation applied, downscaled
+    scale: float  # multiply detection coordinates by this to get full-size coordinates
+    width: int  # full-size width after EXIF orientation
+    height: int  # full-size height after EXIF orientation
+
+
+def is_candidate(path: Path) -> bool:
+    """True when the file name looks like a photo we should process (not hidden, not partial)."""
+    name = path.name
+    if name.startswith(".") or name.startswith("~"):
+        return False
+    suffix = path.suffix.lower()
+    if suffix in PARTIAL_SUFFIXES:
+        return False
+    return suffix in IMAGE_SUFFIXES
+
+
+def _inside(path: Path, roots: Iterable[Path]) -> bool:
+    for root in roots:
+        try:
+            path.relative_to(root)
+            return True
+        except ValueError:
+            continue
+    return False
+
+
+def discover(watch: Path, exclude: Iterable[Path] = ()) -> Iterator[Path]:
+    """Yield every candidate photo under ``watch`` (recursively, sorted, absolute paths).
+
+    Directory symlinks are not followed (no loops, no escaping the watched tree); hidden
+    directories and the ``exclude`` folders (the output tree, the db folder) are skipped.
+    File symlinks are yielded; :func:`check_readable` decides whether they may be read.
+    """
+    watch = Path(os.path.abspath(watch))
+    excluded = [Path(os.path.abspath(p)) for p in exclude]
+    for dirpath, dirnames, filenames in os.walk(watch, followlinks=False, onerror=None):
+        here = Path(dirpath)
+        dirnames[:] = sorted(
+            d for d in dirnames if not d.startswith(".") and not _inside(here / d, excluded)
+        )
+        for name in sorted(filenames):
+            path = here / name
+            if is_candidate(path) and not _inside(path, excluded):
+                yield path
+
+
+def check_readable(path: Path, watch: Path) -> os.stat_result:
+    """Stat a candidate, refusing what we must not read. Returns the stat of the target file."""
+    try:
+        st = os.stat(path)  # follows symlinks
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise IngestError("broken symlink (target missing)") from None
+        raise IngestError("file disappeared before it could be read") from None
+    except OSError as exc:  # ELOOP for symlink loops, EACCES, ...
+        raise IngestError(f"cannot stat file: {exc.strerror or exc}") from None
+    if os.path.islink(path):
+        target = Path(os.path.realpath(path))
+        if not _inside(target, [Path(os.path.realpath(watch))]):
+            raise IngestError(f"symlink points outside the watched folder ({target})")
+    if stat.S_ISDIR(st.st_mode):
+        raise IngestError("is a directory, not a photo")
+    if not stat.S_ISREG(st.st_mode):
+        raise IngestError("not a regular file")
+    if st.st_size == 0:
+        raise IngestError("empty file (0 bytes)")
+    return st
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of the file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            while block := fh.read(chunk):
+                digest.update(block)
+    except OSError as exc:
+        raise IngestError(f"cannot read file: {exc.strerror or exc}") from None
+    return digest.hexdigest()
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB; transparency is composited onto white."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # PIL's convert('L') clips 16-bit/32-bit values at 255; rescale by the real range instead.
+        arr = np.asarray(im, dtype=np.float64)
+        top = float(arr.max()) if arr.size else 0.0
+        if top > 255:
+            arr = arr * (255.0 / (65535.0 if top <= 65535 else top))
+        im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, im)
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    return im
+
+
+def load_for_detection(path: Path, max_side: int, max_pixels: int) -> Prepared:
+    """Decode ``path`` to RGB with EXIF orientation applied, downscaled so its longer side <= max_side.
+
+    Refuses images whose declared pixel count exceeds ``max_pixels`` before decoding them
+    (decompression bombs), and truncated or unidentifiable files.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+            im.seek(0)  # first frame of animated GIF/WebP
+            w, h = im.size
+            if w <= 0 or h <= 0:
+                raise IngestError("image has no pixels")
+            if w * h > max_pixels:
+                raise IngestError(
+                    f"image too large: {w}x{h} = {w * h:,} pixels exceeds the limit of "
+                    f"{max_pixels:,} (decompression bomb guard, see max_pixels)"
+                )
+            long_side = max(w, h)
+            if im.format == "JPEG" and long_side > max_side:
+                # JPEG draft mode decodes at 1/2, 1/4 or 1/8 size directly: much faster and leaner.
+                ratio = max_side / long_side
+                im.draft("RGB", (max(1, int(w * ratio)), max(1, int(h * ratio))))
+            im.load()
+            decoded_scale = long_side / max(im.size)
+            try:
+                im = ImageOps.exif_transpose(im)
+            except Exception:  # a broken EXIF block must not lose the photo: use it as stored
+                pass
+            im = _to_rgb(im)
+    except IngestError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise IngestError(f"image too large (decompression bomb guard): {exc}") from None
+    except UnidentifiedImageError:
+        raise IngestError("not a recognised image format (corrupt or not an image)") from None
+    except OSError as exc:
+        msg = str(exc)
+        if "truncated" in msg.lower() or "premature end" in msg.lower():
+            raise IngestError(f"truncated or damaged image data ({msg})") from None
+        raise IngestError(f"cannot decode image: {exc.strerror or msg}") from None
+    except (ValueError, SyntaxError, struct.error, MemoryError) as exc:
+        raise IngestError(f"cannot decode image: {exc}") from None
+
+    full_w = round(im.size[0] * decoded_scale)
+    full_h = round(im.size[1] * decoded_scale)
+    scale = decoded_scale
+    if max(im.size) > max_side:
+        factor = max_side / max(im.size)
+        new_size = (max(1, round(im.size[0] * factor)), max(1, round(im.size[1] * factor)))
+        im = im.resize(new_size, Image.Resampling.LANCZOS)
+        scale = max(full_w, full_h) / max(new_size)
+    pixels = np.ascontiguousarray(np.asarray(im, dtype=np.uint8))
+    return Prepared(pixels=pixels, scale=scale, width=full_w, height=full_h)
+
+
+def open_upright(path: Path, max_pixels: int) -> Image.Image:
+    """Full-size RGB image with EXIF orientation applied (used for face crops in the output)."""
+    return Image.fromarray(load_for_detection(path, 1 << 30, max_pixels).pixels, "RGB")

@@ -1,0 +1,274 @@
+"""Output: reconcile the browsable folder tree with the store.
+
+Layout::
+
+    <output>/cluster_<id>/ or <output>/<name>/   links to the person's photos + representative.jpg
+    <output>/doubtful/                           photos with a face it could not place
+    <output>/doubtful/faces/                     one crop per doubtful face, named after its nearest person
+
+The organizer keeps a manifest (in the store) of every entry it created, and only ever creates,
+replaces or deletes entries in that manifest: files people add to the tree are left alone.
+Intended entries are written to the manifest *before* they are created, so a crash never leaves a
+file the organizer would later mistake for someone else's.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from .ingest import IngestError, open_upright
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+DOUBTFUL = "doubtful"
+REPRESENTATIVE = "representative.jpg"
+CROP_MARGIN = 0.35  # extra space around the face box, as a share of its size
+CROP_SIZE = 256
+
+
+@dataclass
+class ReconcileReport:
+    created: int = 0
+    removed: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def folder_name(cluster_id: int, name: str | None) -> str:
+    return safe_name(name) if name else f"cluster_{cluster_id}"
+
+
+_UNSAFE = re.compile(r"[/\\\x00-\x1f]")
+
+
+def safe_name(name: str) -> str:
+    """A person's name as a single, harmless folder name."""
+    cleaned = _UNSAFE.sub("_", name).strip().lstrip(".")
+    return cleaned[:200] or "_"
+
+
+def validate_person_name(name: str) -> str:
+    """Reject names that would collide with the tree's own folders."""
+    cleaned = safe_name(name)
+    if cleaned in (DOUBTFUL, ".organizer") or re.fullmatch(r"cluster_\d+", cleaned):
+        raise ValueError(f"{name!r} is reserved; choose another name")
+    return cleaned
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    if name not in taken:
+        return name
+    stem, dot, ext = name.rpartition(".")
+    if not dot:
+        stem, ext = name, ""
+    k = 2
+    while True:
+        candidate = f"{stem}_{k}.{ext}" if dot else f"{stem}_{k}"
+        if candidate not in taken:
+            return candidate
+        k += 1
+
+
+def desired_tree(store: Store) -> dict[str, tuple[str, str]]:
+    """relpath -> (kind, source) for everything the tree should contain right now.
+
+    kind "link": source is the original photo's path; kind "crop": source is
+    "<face id>|<photo path>|<top>,<right>,<bottom>,<left>".
+    """
+    manifest = store.manifest()
+    clusters = {c["id"]: c for c in store.clusters()}
+    folder = {cid: folder_name(cid, c["name"]) for cid, c in clusters.items()}
+    faces = {f.id: f for f in store.faces()}
+    wanted: dict[str, list[str]] = defaultdict(list)  # folder -> photo paths (ordered, unique)
+    doubtful_faces: list[tuple[str, int]] = []
+    for path, face_id, _sha in store.photos_of_faces():
+        f = faces[face_id]
+        if f.cluster_id is not None and not f.doubtful and f.cluster_id in folder:
+            target = folder[f.cluster_id]
+        elif f.doubtful:
+            target = DOUBTFUL
+            doubtful_faces.append((path, face_id))
+        else:
+            continue
+        if not wanted[target] or wanted[target][-1] != path:
+            if path not in wanted[target]:
+                wanted[target].append(path)
+
+    tree: dict[str, tuple[str, str]] = {}
+    # keep names the manifest already gave a source, so existing links never get renamed
+    previous: dict[tuple[str, str], str] = {}
+    for relpath, (kind, source) in manifest.items():
+        if kind == "link":
+            previous[(str(Path(relpath).parent), source)] = Path(relpath).name
+    for dirname, paths in wanted.items():
+        taken = {REPRESENTATIVE}
+        if dirname == DOUBTFUL:
+            taken.add("faces")
+        assigned: dict[str, str] = {}
+        for path in paths:
+            old = previous.get((dirname, path))
+            if old and old not in taken:
+                assigned[path] = old
+                taken.add(old)
+        for path in paths:
+            if path not in assigned:
+                assigned[path] = _unique(Path(path).name, taken)
+                taken.add(assigned[path])
+        for path, name in assigned.items():
+            tree[f"{dirname}/{name}"] = ("link", path)
+
+    for cid, c in clusters.items():
+        rep = faces.get(c["representative_face"]) if c["representative_face"] is not None else None
+        path = store.path_for_sha(rep.sha256) if rep else None
+        if rep and path:
+            tree[f"{folder[cid]}/{REPRESENTATIVE}"] = ("crop", _crop_source(rep, path))
+
+    crop_taken: set[str] = set()
+    for path, face_id in doubtful_faces:
+        f = faces[face_id]
+        near = f.nearest_cluster
+        near_name = folder.get(near, "nobody") if near is not None else "nobody"
+        base = f"{Path(path).stem}_face{face_id}_nearest_{near_name}.jpg"
+        name = _unique(base, crop_taken)
+        crop_taken.add(name)
+        tree[f"{DOUBTFUL}/faces/{name}"] = ("crop", _crop_source(f, path))
+    return tree
+
+
+def _crop_source(face, path: str) -> str:
+    return f"{face.id}|{path}|{face.top},{face.right},{face.bottom},{face.left}"
+
+
+def _is_ours(dst: Path, kind: str, source: str, link_mode: str) -> bool:
+    """Does the file at dst still look like the entry we created (not replaced by a person)?"""
+    try:
+        if dst.is_symlink():
+            return kind == "link" and os.readlink(dst) == source
+        if not dst.is_file():
+            return False
+        if kind == "crop":
+            return True
+        return os.path.samefile(dst, source) or (
+            link_mode == "copy" and dst.stat().st_size == os.stat(source).st_size
+        )
+    except OSError:
+        return False
+
+
+def _write_crop(source: str, dst: Path, max_pixels: int) -> None:
+    _, path, box = source.split("|")
+    top, right, bottom, left = (int(v) for v in box.split(","))
+    im = open_upright(Path(path), max_pixels)
+    h, w = bottom - top, right - left
+    m = int(max(h, w) * CROP_MARGIN)
+    crop = im.crop((max(0, left - m), max(0, top - m), min(im.width, right + m), min(im.height, bottom + m)))
+    crop.thumbnail((CROP_SIZE, CROP_SIZE), Image.Resampling.LANCZOS)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    crop.save(tmp, "JPEG", quality=90)
+    os.replace(tmp, dst)
+
+
+def _place_link(source: str, dst: Path, link_mode: str) -> str:
+    """Create dst pointing at source; returns the mode actually used."""
+    if link_mode == "hardlink":
+        try:
+            os.link(source, dst)
+            return "hardlink"
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                raise
+            log.warning("cannot hard-link %s (%s); using a symlink instead", source, exc.strerror)
+            link_mode = "symlink"
+    if link_mode == "symlink":
+        try:
+            os.symlink(source, dst)
+            return "symlink"
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP):
+                raise
+            log.warning("cannot symlink %s (%s); copying instead", source, exc.strerror)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copy2(source, tmp)
+    os.replace(tmp, dst)
+    return "copy"
+
+
+def reconcile(store: Store, output: Path, link_mode: str = "hardlink", max_pixels: int = 100_000_000) -> ReconcileReport:
+    """Bring ``output`` in line with the store, touching only entries the organizer created."""
+    output = Path(output)
+    report = ReconcileReport()
+    desired = desired_tree(store)
+    manifest = store.manifest()
+
+    # 1. forget and delete entries that are no longer wanted (or whose source changed)
+    stale = [rp for rp, entry in manifest.items() if desired.get(rp) != entry]
+    for relpath in stale:
+        kind, source = manifest[relpath]
+        dst = output / relpath
+        try:
+            if dst.is_symlink() or dst.exists():
+                if _is_ours(dst, kind, source, link_mode):
+                    dst.unlink()
+                    report.removed += 1
+                else:
+                    log.warning("leaving %s alone: it was changed by someone else", dst)
+        except OSError as exc:
+            report.errors.append(f"cannot remove {dst}: {exc.strerror}")
+            continue
+        store.manifest_remove(relpath)
+        manifest.pop(relpath)
+
+    # 2. record intent, then create what is missing
+    todo = []
+    with store.db.atomic():
+        for relpath, (kind, source) in sorted(desired.items()):
+            dst = output / relpath
+            exists = dst.is_symlink() or dst.exists()
+            if relpath in manifest:
+                if exists and _is_ours(dst, kind, source, link_mode):
+                    continue
+                if exists:  # someone replaced our entry with their own file: theirs now
+                    log.warning("leaving %s alone: it was replaced by someone else", dst)
+                    store.manifest_remove(relpath)
+                    continue
+            elif exists:
+                log.warning("not overwriting %s: a file the organizer did not create is there", dst)
+                continue
+            store.manifest_add(relpath, kind, source)
+            todo.append((relpath, kind, source))
+    for relpath, kind, source in todo:
+        dst = output / relpath
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if kind == "link":
+                _place_link(source, dst, link_mode)
+            else:
+                _write_crop(source, dst, max_pixels)
+            report.created += 1
+        except FileNotFoundError:
+            # the original vanished since the last scan; the watcher will drop it from the store
+            report.errors.append(f"source of {relpath} is gone")
+        except (OSError, IngestError) as exc:
+            msg = getattr(exc, "strerror", None) or str(exc)
+            report.errors.append(f"cannot create {dst}: {msg}")
+    for err in report.errors:
+        log.error("output: %s", err)
+
+    # 3. remove folders left empty (only those that can hold our entries)
+    for folder in sorted({Path(rp).parent for rp in manifest} | {Path(rp).parent for rp in stale}, key=lambda p: -len(p.parts)):
+        d = output / folder
+        try:
+            if folder != Path(".") and d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+        except OSError:
+            pass
+    return report

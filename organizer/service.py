@@ -1,0 +1,151 @@
+"""Service: the long-running `organizer run` loop.
+
+Start-up: open the store (refusing a second instance), start the watcher, tell systemd READY,
+rescan the whole folder (files added while stopped). Then loop: settled files are processed in
+batches, vanished ones forgotten, a full rescan runs every ``rescan_interval`` seconds (missed or
+overflowed events), and names set with `organizer name` are applied. Signal handlers only set a
+flag (as gunicorn does); the loop finishes the current batch, commits and exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+from .config import Settings
+from .encode import EncoderUnavailable, check_models
+from .ingest import discover, is_candidate
+from .pipeline import Organizer
+from .store import Store, StoreError
+from .watch import Settler, Watcher
+
+log = logging.getLogger(__name__)
+
+TICK = 0.5  # seconds between checks of the event queue
+
+
+class _Notifier:
+    """sd_notify when run by systemd (NOTIFY_SOCKET set); silent otherwise."""
+
+    def __init__(self):
+        self._n = None
+        if os.environ.get("NOTIFY_SOCKET"):
+            import sdnotify
+
+            self._n = sdnotify.SystemdNotifier()
+
+    def __call__(self, msg: str) -> None:
+        if self._n is not None:
+            self._n.notify(msg)
+
+
+class Service:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.stop_requested = False
+        self.notify = _Notifier()
+
+    def _on_signal(self, signum, _frame) -> None:
+        if self.stop_requested:
+            log.warning("second %s: still finishing the current batch", signal.Signals(signum).name)
+        else:
+            log.info("%s received: finishing the current batch, then exiting", signal.Signals(signum).name)
+        self.stop_requested = True
+
+    def _stopping(self) -> bool:
+        return self.stop_requested
+
+    def run(self) -> int:
+        s = self.settings
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        watch = Path(os.path.abspath(s.paths.watch))
+        if not watch.is_dir():
+            log.error("the watched folder %s does not exist", watch)
+            return 1
+        try:
+            check_models()
+            store = Store.open(s.db_path)
+        except (StoreError, EncoderUnavailable) as exc:
+            log.error("%s", exc)
+            return 1
+        org = Organizer(s, store)
+        watcher = Watcher(watch, polling=s.service.polling)
+        settler = Settler(s.service.settle_seconds)
+        try:
+            watcher.start()
+            log.info("watching %s (%s), output in %s, store %s", watch,
+                     "polling" if s.service.polling else "events", org.output, s.db_path)
+            self.notify("READY=1")
+            self._rescan(org, settler)
+            last_rescan = time.monotonic()
+            data_version = store.data_version()
+            while not self.stop_requested:
+                time.sleep(TICK)
+                for path in watcher.drain():
+                    self._enqueue(path, org, settler)
+                settled, gone = settler.ready()
+                if gone:
+                    org.forget([Path(p) for p in gone])
+                files = []
+                for p in settled:
+                    if os.path.isdir(p) and not os.path.islink(p):
+                        for f in discover(Path(p), org.excluded()):  # a folder moved in
+                            settler.add(str(f))
+                    else:
+                        files.append(Path(p))
+                if files:
+                    org.process(files, stop=self._stopping)
+                    self._status(store, settler)
+                interval = s.service.rescan_interval
+                if interval and time.monotonic() - last_rescan >= interval and not self.stop_requested:
+                    self._rescan(org, settler)
+                    last_rescan = time.monotonic()
+                if not watcher.alive:
+                    log.error("the file watcher stopped; restarting it (a rescan catches up)")
+                    watcher = Watcher(watch, polling=s.service.polling)
+                    watcher.start()
+                    self._rescan(org, settler)
+                dv = store.data_version()
+                if dv != data_version:  # another process changed the store (e.g. `organizer name`)
+                    data_version = dv
+                    org.reconcile()
+            self.notify("STOPPING=1")
+            log.info("stopped cleanly")
+            return 0
+        finally:
+            watcher.stop()
+            org.close()
+            store.close()
+
+    def _enqueue(self, path: str, org: Organizer, settler: Settler) -> None:
+        p = Path(path)
+        if any(p == ex or ex in p.parents for ex in org.excluded()):
+            return
+        try:
+            rel = p.relative_to(org.watch)
+        except ValueError:
+            return
+        if any(part.startswith(".") for part in rel.parts):
+            return
+        if os.path.isdir(p) or is_candidate(p) or not os.path.lexists(p):
+            settler.add(path)
+
+    def _rescan(self, org: Organizer, settler: Settler) -> None:
+        self.notify("STATUS=scanning the watched folder")
+        report = org.scan(stop=self._stopping, settle_seconds=self.settings.service.settle_seconds)
+        for p in report.unsettled:
+            settler.add(str(p))
+        log.info("rescan: %d photos, %d new, %d encoded, %d failed, %d removed",
+                 report.seen, report.new, report.encoded, report.failed, report.removed)
+        self._status(org.store, settler)
+
+    def _status(self, store: Store, settler: Settler) -> None:
+        st = store.status(0)
+        self.notify(
+            f"STATUS={st['photos']} photos, {st['clusters']} people, {st['doubtful_faces']} doubtful, "
+            f"{st['failed']} failed, {len(settler)} waiting"
+        )

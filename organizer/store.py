@@ -1,0 +1,490 @@
+"""Store: the SQLite database of photos, faces, clusters and the output manifest.
+
+This is the only module that writes SQL. The service holds one connection and writes from one
+thread; each batch of photos is committed in one transaction, so killing the process at any
+moment leaves a consistent database that the next start resumes from.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sqlite_utils
+from sqlite_utils.migrations import Migrations
+
+APP_ID = "organizer"
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+migrations = Migrations("organizer")
+
+
+class StoreError(Exception):
+    """The store cannot be used (foreign file, locked by another instance, ...)."""
+
+
+@migrations()
+def m001_initial(db: sqlite_utils.Database) -> None:
+    db["meta"].create({"key": str, "value": str}, pk="key")
+    db["meta"].insert_all(
+        [{"key": "app", "value": APP_ID}, {"key": "next_cluster_id", "value": "1"}]
+    )
+    db["images"].create(
+        {"sha256": str, "width": int, "height": int, "face_count": int, "encoded_at": float},
+        pk="sha256",
+    )
+    db["photos"].create(
+        {
+            "path": str,
+            "sha256": str,
+            "size": int,
+            "mtime": float,
+            "status": str,  # "ok" or "failed"
+            "error": str,
+            "updated_at": float,
+        },
+        pk="path",
+    )
+    db["photos"].create_index(["sha256"])
+    db["photos"].create_index(["status"])
+    db["faces"].create(
+        {
+            "id": int,
+            "sha256": str,
+            "idx": int,
+            "top": int,
+            "right": int,
+            "bottom": int,
+            "left": int,
+            "size": int,
+            "sharpness": float,
+            "encoding": bytes,
+            "cluster_id": int,
+            "doubtful": int,
+            "doubt_reason": str,
+            "nearest_cluster": int,
+        },
+        pk="id",
+        foreign_keys=[("sha256", "images", "sha256")],
+    )
+    db["faces"].create_index(["sha256", "idx"], unique=True)
+    db["faces"].create_index(["cluster_id"])
+    db["clusters"].create(
+        {"id": int, "name": str, "representative_face": int, "size": int}, pk="id"
+    )
+    db["clusters"].create_index(["name"], unique=True)
+    db["output_entries"].create(
+        {"relpath": str, "kind": str, "source": str, "created_at": float}, pk="relpath"
+    )
+
+
+@dataclass
+class Face:
+    id: int
+    sha256: str
+    top: int
+    right: int
+    bottom: int
+    left: int
+    size: int
+    sharpness: float
+    cluster_id: int | None
+    doubtful: bool
+    doubt_reason: str | None
+    nearest_cluster: int | None
+
+
+def _check_foreign(path: Path) -> None:
+    """Refuse to touch a file at the db path that is not an organizer store."""
+    if not path.exists():
+        return
+    if path.is_dir():
+        raise StoreError(f"{path} is a directory, not a database file")
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(SQLITE_MAGIC))
+    except OSError as exc:
+        raise StoreError(f"cannot read the store {path}: {exc.strerror}") from None
+    if not head:
+        if path.stat().st_size == 0:
+            return  # an empty file (e.g. created by touch) is a fresh database
+    if head != SQLITE_MAGIC:
+        raise StoreError(
+            f"{path} exists but is not a SQLite database; refusing to overwrite it. "
+            "Point --db elsewhere or move the file away."
+        )
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            tables = {r[0] for r in conn.execute("select name from sqlite_master where type='table'")}
+            if not tables:
+                return
+            app = None
+            if "meta" in tables:
+                row = conn.execute("select value from meta where key='app'").fetchone()
+                app = row[0] if row else None
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(
+            f"{path} is a damaged or unreadable SQLite file ({exc}); refusing to overwrite it. "
+            "Move it away (the organizer rebuilds its store from the photos) or point --db elsewhere."
+        ) from None
+    if app != APP_ID:
+        raise StoreError(
+            f"{path} is a SQLite database that belongs to another program; refusing to touch it. "
+            "Point --db elsewhere."
+        )
+
+
+class Store:
+    """The organizer's database. Open with :meth:`open` (writer) or :meth:`open_readonly`."""
+
+    def __init__(self, db: sqlite_utils.Database, path: Path, lock_fh=None, readonly: bool = False):
+        self.db = db
+        self.path = path
+        self._lock_fh = lock_fh
+        self.readonly = readonly
+
+    # ---- opening -------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: Path) -> "Store":
+        """Open (creating if needed) for writing; refuses a second writer on the same store."""
+        path = Path(path)
+        _check_foreign(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lock_fh = open(str(path) + ".lock", "a+")
+        except OSError as exc:
+            raise StoreError(f"cannot create the store folder {path.parent}: {exc.strerror}") from None
+        try:
+            fcntl.flock(lock_fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_fh.seek(0)
+            holder = lock_fh.read().strip() or "unknown"
+            lock_fh.close()
+            raise StoreError(
+                f"another organizer (pid {holder}) is already using the store {path}; "
+                "stop it first (only one instance may write a store)"
+            ) from None
+        lock_fh.seek(0)
+        lock_fh.truncate()
+        lock_fh.write(str(os.getpid()))
+        lock_fh.flush()
+        conn = sqlite3.connect(str(path), timeout=30, isolation_level=None)
+        db = sqlite_utils.Database(conn)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("PRAGMA busy_timeout=30000")
+        migrations.apply(db)
+        return cls(db, path, lock_fh)
+
+    @classmethod
+    def open_for_edit(cls, path: Path) -> "Store":
+        """Open an existing store for a small edit while the service may be running.
+
+        Takes the instance lock when it is free (the caller may then also update the tree);
+        otherwise relies on SQLite's own locking for the single write (``locked`` is False).
+        """
+        path = Path(path)
+        if not path.exists():
+            raise StoreError(f"no store at {path} yet (run `organizer scan` or `organizer run` first)")
+        try:
+            return cls.open(path)
+        except StoreError as exc:
+            if "already using" not in str(exc):
+                raise
+        conn = sqlite3.connect(str(path), timeout=30, isolation_level=None)
+        db = sqlite_utils.Database(conn)
+        db.execute("PRAGMA busy_timeout=30000")
+        return cls(db, path)
+
+    @property
+    def locked(self) -> bool:
+        """True when this handle holds the single-writer lock."""
+        return self._lock_fh is not None
+
+    @classmethod
+    def open_readonly(cls, path: Path) -> "Store":
+        """Open for reading while a service may be writing (WAL allows it)."""
+        path = Path(path)
+        if not path.exists():
+            raise StoreError(f"no store at {path} yet (run `organizer scan` or `organizer run` first)")
+        _check_foreign(path)
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+        db = sqlite_utils.Database(conn)
+        if migrations.pending(db):
+            raise StoreError(f"the store {path} needs an upgrade; run any writing command first")
+        return cls(db, path, readonly=True)
+
+    def close(self) -> None:
+        self.db.conn.close()
+        if self._lock_fh is not None:
+            self._lock_fh.close()
+            self._lock_fh = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def data_version(self) -> int:
+        """Changes whenever another connection commits (e.g. `organizer name` while running)."""
+        return self.db.execute("PRAGMA data_version").fetchone()[0]
+
+    # ---- photos --------------------------------------------------------------------------
+    def photo_states(self) -> dict[str, tuple[int, float, str]]:
+        """path -> (size, mtime, status) for every known photo."""
+        return {
+            r[0]: (r[1], r[2], r[3])
+            for r in self.db.execute("select path, size, mtime, status from photos")
+        }
+
+    def known_sha(self, sha256: str) -> bool:
+        return self.db.execute("select 1 from images where sha256=?", [sha256]).fetchone() is not None
+
+    def record_batch(
+        self,
+        encoded: Iterable[tuple[str, str, int, float, object]],
+        linked: Iterable[tuple[str, str, int, float]],
+        failed: Iterable[tuple[str, int, float, str]],
+    ) -> None:
+        """Commit one batch atomically.
+
+        ``encoded``: (path, sha256, size, mtime, PhotoResult) for newly encoded content;
+        ``linked``: (path, sha256, size, mtime) for paths whose content is already encoded;
+        ``failed``: (path, size, mtime, reason).
+        """
+        now = time.time()
+        with self.db.atomic():
+            for path, sha, size, mtime, result in encoded:
+                if not self.known_sha(sha):
+                    self.db["images"].insert(
+                        {
+                            "sha256": sha,
+                            "width": result.width,
+                            "height": result.height,
+                            "face_count": len(result.faces),
+                            "encoded_at": now,
+                        }
+                    )
+                    self.db["faces"].insert_all(
+                        {
+                            "sha256": sha,
+                            "idx": i,
+                            "top": f.top,
+                            "right": f.right,
+                            "bottom": f.bottom,
+                            "left": f.left,
+                            "size": f.size,
+                            "sharpness": f.sharpness,
+                            "encoding": np.asarray(f.encoding, dtype=np.float64).tobytes(),
+                            "doubtful": 0,
+                        }
+                        for i, f in enumerate(result.faces)
+                    )
+                self._put_photo(path, sha, size, mtime, "ok", None, now)
+            for path, sha, size, mtime in linked:
+                self._put_photo(path, sha, size, mtime, "ok", None, now)
+            for path, size, mtime, reason in failed:
+                self._put_photo(path, None, size, mtime, "failed", reason, now)
+            self._prune_orphans()  # content replaced at the same path
+
+    def _put_photo(self, path, sha, size, mtime, status, error, now) -> None:
+        self.db["photos"].upsert(
+            {
+                "path": path,
+                "sha256": sha,
+                "size": size,
+                "mtime": mtime,
+                "status": status,
+                "error": error,
+                "updated_at": now,
+            },
+            pk="path",
+        )
+
+    def remove_photos(self, paths: Iterable[str]) -> None:
+        """Forget photos, and the content (with its faces) that no other path refers to."""
+        with self.db.atomic():
+            for path in paths:
+                self.db.execute("delete from photos where path=?", [path])
+            self._prune_orphans()
+
+    def _prune_orphans(self) -> None:
+        orphan = "select sha256 from images where sha256 not in (select sha256 from photos where sha256 is not null)"
+        self.db.execute(f"delete from faces where sha256 in ({orphan})")
+        self.db.execute(f"delete from images where sha256 in ({orphan})")
+
+    # ---- faces & clusters ----------------------------------------------------------------
+    def usable_encodings(self, min_size: int, min_sharpness: float):
+        """(face ids, sha256 per face, encodings float64 n x 128, sharpness, size) of faces fit
+        for clustering: at least ``min_size`` pixels and ``min_sharpness``."""
+        rows = self.db.execute(
+            "select id, sha256, encoding, sharpness, size from faces where size>=? and sharpness>=?"
+            " order by id",
+            [min_size, min_sharpness],
+        ).fetchall()
+        ids = np.array([r[0] for r in rows], dtype=np.int64)
+        shas = np.array([r[1] for r in rows], dtype=object)
+        enc = (
+            np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float64).reshape(len(rows), -1)
+            if rows
+            else np.zeros((0, 128))
+        )
+        sharp = np.array([r[3] for r in rows], dtype=np.float64)
+        size = np.array([r[4] for r in rows], dtype=np.float64)
+        return ids, shas, enc, sharp, size
+
+    def encodings_for(self, face_ids: Iterable[int]) -> dict[int, np.ndarray]:
+        out = {}
+        for fid in face_ids:
+            row = self.db.execute("select encoding from faces where id=?", [fid]).fetchone()
+            if row:
+                out[fid] = np.frombuffer(row[0], dtype=np.float64)
+        return out
+
+    def faces(self) -> list[Face]:
+        return self.faces_where("1=1 order by id", [])
+
+    def cluster_assignments(self) -> dict[int, int | None]:
+        return {r[0]: r[1] for r in self.db.execute("select id, cluster_id from faces")}
+
+    def next_cluster_id(self) -> int:
+        return int(self.db.execute("select value from meta where key='next_cluster_id'").fetchone()[0])
+
+    def save_clustering(
+        self,
+        assignments: dict[int, tuple[int | None, bool, str | None, int | None]],
+        clusters: dict[int, tuple[int, int]],
+        next_cluster_id: int,
+    ) -> None:
+        """Write face -> (cluster, doubtful, reason, nearest) and cluster -> (size, representative).
+
+        Clusters that are no longer present are deleted (their ids are never reused: the
+        counter only grows); names of surviving clusters are kept.
+        """
+        with self.db.atomic():
+            for fid, (cid, doubtful, reason, nearest) in assignments.items():
+                self.db.execute(
+                    "update faces set cluster_id=?, doubtful=?, doubt_reason=?, nearest_cluster=?"
+                    " where id=?",
+                    [cid, int(doubtful), reason, nearest, fid],
+                )
+            existing = {r[0] for r in self.db.execute("select id from clusters")}
+            for cid in existing - set(clusters):
+                self.db.execute("delete from clusters where id=?", [cid])
+            for cid, (size, rep) in clusters.items():
+                if cid in existing:
+                    self.db.execute(
+                        "update clusters set size=?, representative_face=? where id=?", [size, rep, cid]
+                    )
+                else:
+                    self.db["clusters"].insert({"id": cid, "name": None, "size": size, "representative_face": rep})
+            self.db.execute(
+                "update meta set value=? where key='next_cluster_id'", [str(next_cluster_id)]
+            )
+
+    def clusters(self) -> list[dict]:
+        return list(self.db.query("select id, name, size, representative_face from clusters order by id"))
+
+    def set_cluster_name(self, cluster_id: int, name: str | None) -> None:
+        with self.db.atomic():
+            if not self.db.execute("select 1 from clusters where id=?", [cluster_id]).fetchone():
+                raise StoreError(f"there is no cluster {cluster_id}")
+            clash = self.db.execute(
+                "select id from clusters where name=? and id!=?", [name, cluster_id]
+            ).fetchone()
+            if name is not None and clash:
+                raise StoreError(f"the name {name!r} is already used by cluster {clash[0]}")
+            self.db.execute("update clusters set name=? where id=?", [name, cluster_id])
+
+    def photos_of_faces(self) -> Iterator[tuple[str, int, str]]:
+        """(photo path, face id, sha256) for every ok photo with faces, in path order."""
+        yield from self.db.execute(
+            "select p.path, f.id, f.sha256 from photos p join faces f on f.sha256 = p.sha256"
+            " where p.status='ok' order by p.path, f.idx"
+        )
+
+    def face(self, face_id: int) -> Face | None:
+        for f in self.faces_where("id=?", [face_id]):
+            return f
+        return None
+
+    def faces_where(self, where: str, params: list) -> list[Face]:
+        rows = self.db.execute(
+            "select id, sha256, top, right, bottom, left, size, sharpness, cluster_id,"
+            f" doubtful, doubt_reason, nearest_cluster from faces where {where}",
+            params,
+        ).fetchall()
+        return [Face(*r[:9], bool(r[9]), r[10], r[11]) for r in rows]
+
+    def path_for_sha(self, sha256: str) -> str | None:
+        row = self.db.execute(
+            "select path from photos where sha256=? and status='ok' order by path limit 1", [sha256]
+        ).fetchone()
+        return row[0] if row else None
+
+    # ---- output manifest -----------------------------------------------------------------
+    def manifest(self) -> dict[str, tuple[str, str]]:
+        return {r[0]: (r[1], r[2]) for r in self.db.execute("select relpath, kind, source from output_entries")}
+
+    def manifest_add(self, relpath: str, kind: str, source: str) -> None:
+        self.db["output_entries"].upsert(
+            {"relpath": relpath, "kind": kind, "source": source, "created_at": time.time()}, pk="relpath"
+        )
+
+    def manifest_remove(self, relpath: str) -> None:
+        self.db.execute("delete from output_entries where relpath=?", [relpath])
+
+    # ---- status --------------------------------------------------------------------------
+    def status(self, errors: int = 10) -> dict:
+        q = lambda sql: self.db.execute(sql).fetchone()[0]  # noqa: E731
+        return {
+            "photos": q("select count(*) from photos"),
+            "photos_ok": q("select count(*) from photos where status='ok'"),
+            "photos_with_faces": q(
+                "select count(*) from photos p join images i on i.sha256=p.sha256 where i.face_count>0"
+            ),
+            "photos_without_faces": q(
+                "select count(*) from photos p join images i on i.sha256=p.sha256 where i.face_count=0"
+            ),
+            "failed": q("select count(*) from photos where status='failed'"),
+            "faces": q("select count(*) from faces"),
+            "clusters": q("select count(*) from clusters"),
+            "named_clusters": q("select count(*) from clusters where name is not null"),
+            "doubtful_faces": q("select count(*) from faces where doubtful=1"),
+            "last_errors": [
+                {"path": r[0], "error": r[1]}
+                for r in self.db.execute(
+                    "select path, error from photos where status='failed' order by updated_at desc, path limit ?",
+                    [errors],
+                )
+            ],
+        }
+
+    def failures(self) -> list[dict]:
+        return [
+            {"path": r[0], "error": r[1]}
+            for r in self.db.execute("select path, error from photos where status='failed' order by path")
+        ]
+
+    def error_of(self, path: str) -> str | None:
+        row = self.db.execute("select error from photos where path=?", [path]).fetchone()
+        return row[0] if row else None
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.db.execute("select value from meta where key=?", [key]).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value) -> None:
+        self.db["meta"].upsert({"key": key, "value": json.dumps(value) if not isinstance(value, str) else value}, pk="key")

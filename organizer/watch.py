@@ -1,0 +1,114 @@
+"""Watch: notice new, changed, moved and deleted photos, and wait until new files settle.
+
+The watchdog handler only puts paths on a queue; everything else happens in the service's own
+thread. :class:`Settler` holds a path back until its size and mtime have not changed for the
+settle time, so photos still being copied are not read half-written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.polling import PollingObserver
+
+log = logging.getLogger(__name__)
+
+
+class _Enqueue(FileSystemEventHandler):
+    """Puts every touched path (both ends of a move) on the queue. Nothing else."""
+
+    def __init__(self, q: "queue.Queue[str]"):
+        self.q = q
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in ("opened", "closed_no_write"):
+            return
+        self.q.put(os.fsdecode(event.src_path))
+        dest = getattr(event, "dest_path", "")
+        if dest:
+            self.q.put(os.fsdecode(dest))
+
+
+class Watcher:
+    """A watchdog observer on one folder (recursive); ``polling=True`` for network shares."""
+
+    def __init__(self, folder: Path, polling: bool = False, poll_interval: float = 2.0):
+        self.queue: "queue.Queue[str]" = queue.Queue()
+        self.observer = PollingObserver(timeout=poll_interval) if polling else Observer()
+        self.observer.schedule(_Enqueue(self.queue), str(folder), recursive=True)
+
+    def start(self) -> None:
+        self.observer.start()
+
+    def stop(self) -> None:
+        self.observer.stop()
+        self.observer.join(timeout=10)
+
+    def drain(self) -> set[str]:
+        paths = set()
+        while True:
+            try:
+                paths.add(self.queue.get_nowait())
+            except queue.Empty:
+                return paths
+
+    @property
+    def alive(self) -> bool:
+        return self.observer.is_alive()
+
+
+@dataclass
+class _Pending:
+    size: int
+    mtime: float
+    since: float  # when this (size, mtime) was first seen
+
+
+class Settler:
+    """Tracks paths until they are stable (unchanged for ``seconds``) or gone."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.pending: dict[str, _Pending] = {}
+
+    def add(self, path: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        try:
+            st = os.stat(path)
+            sig = (st.st_size, st.st_mtime)
+        except OSError:
+            sig = (-1, -1.0)
+        p = self.pending.get(path)
+        if p is None or (p.size, p.mtime) != sig:
+            self.pending[path] = _Pending(sig[0], sig[1], now)
+
+    def ready(self, now: float | None = None) -> tuple[list[str], list[str]]:
+        """(settled existing files, paths that no longer exist); both leave the settler."""
+        now = time.monotonic() if now is None else now
+        settled, gone = [], []
+        for path, p in list(self.pending.items()):
+            if not os.path.lexists(path):
+                gone.append(path)
+                del self.pending[path]
+                continue
+            try:
+                st = os.stat(path)
+                sig = (st.st_size, st.st_mtime)
+            except OSError:
+                sig = (-2, -2.0)  # unreadable (e.g. a dangling symlink): settle, then report
+            if sig != (p.size, p.mtime):
+                self.pending[path] = _Pending(sig[0], sig[1], now)
+            elif now - p.since >= self.seconds:
+                settled.append(path)
+                del self.pending[path]
+        return sorted(settled), sorted(gone)
+
+    def __len__(self) -> int:
+        return len(self.pending)
