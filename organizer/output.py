@@ -148,18 +148,30 @@ def _crop_source(face, path: str) -> str:
     return f"{face.id}|{path}|{face.top},{face.right},{face.bottom},{face.left}"
 
 
-def _is_ours(dst: Path, kind: str, source: str, link_mode: str) -> bool:
-    """Does the file at dst still look like the entry we created (not replaced by a person)?"""
+def _ident(dst: Path) -> str:
+    """What identifies the entry we created: the symlink target, or device:inode of the file."""
+    if dst.is_symlink():
+        return "symlink:" + os.readlink(dst)
+    st = dst.lstat()
+    return f"inode:{st.st_dev}:{st.st_ino}"
+
+
+def _adoptable(dst: Path, kind: str, source: str) -> bool:
+    """An entry we intended but whose creation was not confirmed (crash): is it what we made?"""
     try:
-        if dst.is_symlink():
-            return kind == "link" and os.readlink(dst) == source
-        if not dst.is_file():
-            return False
         if kind == "crop":
-            return True
-        return os.path.samefile(dst, source) or (
-            link_mode == "copy" and dst.stat().st_size == os.stat(source).st_size
-        )
+            return dst.is_file() and not dst.is_symlink()
+        if dst.is_symlink():
+            return os.readlink(dst) == source
+        return os.path.samefile(dst, source)
+    except OSError:
+        return False
+
+
+def _is_ours(dst: Path, ident: str | None) -> bool:
+    """Is the file at dst still the very entry we created (not replaced by a person)?"""
+    try:
+        return ident is not None and _ident(dst) == ident
     except OSError:
         return False
 
@@ -208,6 +220,7 @@ def reconcile(store: Store, output: Path, link_mode: str = "hardlink", max_pixel
     report = ReconcileReport()
     desired = desired_tree(store)
     manifest = store.manifest()
+    idents = store.manifest_idents()
 
     # 1. forget and delete entries that are no longer wanted (or whose source changed)
     stale = [rp for rp, entry in manifest.items() if desired.get(rp) != entry]
@@ -216,7 +229,7 @@ def reconcile(store: Store, output: Path, link_mode: str = "hardlink", max_pixel
         dst = output / relpath
         try:
             if dst.is_symlink() or dst.exists():
-                if _is_ours(dst, kind, source, link_mode):
+                if _is_ours(dst, idents.get(relpath)):
                     dst.unlink()
                     report.removed += 1
                 else:
@@ -234,7 +247,10 @@ def reconcile(store: Store, output: Path, link_mode: str = "hardlink", max_pixel
             dst = output / relpath
             exists = dst.is_symlink() or dst.exists()
             if relpath in manifest:
-                if exists and _is_ours(dst, kind, source, link_mode):
+                if exists and _is_ours(dst, idents.get(relpath)):
+                    continue
+                if exists and idents.get(relpath) is None and _adoptable(dst, kind, source):
+                    store.manifest_set_ident(relpath, _ident(dst))
                     continue
                 if exists:  # someone replaced our entry with their own file: theirs now
                     log.warning("leaving %s alone: it was replaced by someone else", dst)
@@ -253,6 +269,7 @@ def reconcile(store: Store, output: Path, link_mode: str = "hardlink", max_pixel
                 _place_link(source, dst, link_mode)
             else:
                 _write_crop(source, dst, max_pixels)
+            store.manifest_set_ident(relpath, _ident(dst))
             report.created += 1
         except FileNotFoundError:
             # the original vanished since the last scan; the watcher will drop it from the store

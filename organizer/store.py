@@ -81,7 +81,7 @@ def m001_initial(db: sqlite_utils.Database) -> None:
     )
     db["clusters"].create_index(["name"], unique=True)
     db["output_entries"].create(
-        {"relpath": str, "kind": str, "source": str, "created_at": float}, pk="relpath"
+        {"relpath": str, "kind": str, "source": str, "ident": str, "created_at": float}, pk="relpath"
     )
 
 
@@ -436,12 +436,21 @@ class Store:
 
     # ---- output manifest -----------------------------------------------------------------
     def manifest(self) -> dict[str, tuple[str, str]]:
+        """relpath -> (kind, source) of every output entry the organizer created (or intends to)."""
         return {r[0]: (r[1], r[2]) for r in self.db.execute("select relpath, kind, source from output_entries")}
+
+    def manifest_idents(self) -> dict[str, str | None]:
+        """relpath -> identity of the file we created (device:inode, or the symlink target)."""
+        return {r[0]: r[1] for r in self.db.execute("select relpath, ident from output_entries")}
 
     def manifest_add(self, relpath: str, kind: str, source: str) -> None:
         self.db["output_entries"].upsert(
-            {"relpath": relpath, "kind": kind, "source": source, "created_at": time.time()}, pk="relpath"
+            {"relpath": relpath, "kind": kind, "source": source, "ident": None, "created_at": time.time()},
+            pk="relpath",
         )
+
+    def manifest_set_ident(self, relpath: str, ident: str) -> None:
+        self.db.execute("update output_entries set ident=? where relpath=?", [ident, relpath])
 
     def manifest_remove(self, relpath: str) -> None:
         self.db.execute("delete from output_entries where relpath=?", [relpath])
