@@ -40,7 +40,7 @@ def common_options(fn):
             )
         except ConfigError as exc:
             click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
+            sys.exit(1)
         setup_logging(settings.service.log_level)
         try:
             return fn(settings=settings, **kwargs)

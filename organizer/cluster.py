@@ -36,10 +36,24 @@ class ClusterResult:
 
 
 def batch_labels(enc: np.ndarray, eps: float, min_samples: int) -> np.ndarray:
-    """Reference DBSCAN labels (-1 = noise) over all encodings."""
+    """Reference DBSCAN labels (-1 = noise) over all encodings.
+
+    scikit-learn gives a border point (within eps of cores of two clusters) to whichever cluster
+    its expansion reached first, which depends on input order. We give it to the cluster of its
+    nearest core point instead (ties: the lower index), as the incremental engine does, so
+    the result depends only on the set of faces.
+    """
     if len(enc) == 0:
         return np.zeros(0, dtype=int)
-    return DBSCAN(eps=eps, min_samples=min_samples, metric="euclidean").fit(enc).labels_
+    db = DBSCAN(eps=eps, min_samples=min_samples, metric="euclidean").fit(enc)
+    labels = db.labels_.copy()
+    core = db.core_sample_indices_
+    border = np.flatnonzero((labels >= 0) & ~np.isin(np.arange(len(enc)), core))
+    if len(border) and len(core):
+        cores = enc[core]
+        for b in border:
+            labels[b] = labels[core[int(np.argmin(np.linalg.norm(cores - enc[b], axis=1)))]]
+    return labels
 
 
 def match_ids(
