@@ -164,23 +164,46 @@ class EncoderPool:
             for p in paths:
                 yield analyze_photo(p, self.settings)
             return
+        pending = list(paths)
+        while pending:
+            pool = self._ensure_pool()
+            futures = {pool.submit(analyze_photo, p, self.settings): p for p in pending}
+            pending = []
+            try:
+                for fut in cf.as_completed(futures):
+                    path = futures[fut]
+                    try:
+                        yield fut.result()
+                    except cf.process.BrokenProcessPool:
+                        # A worker died (e.g. a segfault in a native decoder): we cannot tell which
+                        # photo did it, so retry every unfinished one alone in a fresh pool; the
+                        # culprit then fails on its own and is recorded against that photo.
+                        self._discard_pool()
+                        unfinished = [p for f, p in futures.items() if not f.done() or f.exception()]
+                        if len(futures) == 1:
+                            yield PhotoResult(path=path, error="the decoder crashed on this file")
+                        else:
+                            for p in unfinished:
+                                yield from self.map_one(p)
+                        break
+                    except Exception as exc:  # noqa: BLE001 - a bug for one photo must not stop the service
+                        yield PhotoResult(path=path, error=f"internal error while encoding: {exc!r}")
+            finally:
+                for fut in futures:
+                    fut.cancel()
+
+    def map_one(self, path: Path) -> Iterator[PhotoResult]:
         pool = self._ensure_pool()
-        futures = {pool.submit(analyze_photo, p, self.settings): p for p in paths}
         try:
-            for fut in cf.as_completed(futures):
-                path = futures[fut]
-                try:
-                    yield fut.result()
-                except cf.process.BrokenProcessPool:
-                    # A decoder crashed hard (e.g. a segfault inside a native library): record
-                    # it against the photo and start a fresh pool for the rest.
-                    self._pool = None
-                    yield PhotoResult(path=path, error="the decoder crashed on this file")
-                except Exception as exc:  # noqa: BLE001 - a bug for one photo must not stop the service
-                    yield PhotoResult(path=path, error=f"internal error while encoding: {exc!r}")
-        finally:
-            for fut in futures:
-                fut.cancel()
+            yield pool.submit(analyze_photo, path, self.settings).result()
+        except cf.process.BrokenProcessPool:
+            self._discard_pool()
+            yield PhotoResult(path=path, error="the decoder crashed on this file")
+
+    def _discard_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     def close(self) -> None:
         if self._pool is not None:
