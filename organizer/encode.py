@@ -133,7 +133,21 @@ def analyze_photo(path: Path, settings: DetectionSettings) -> PhotoResult:
     return PhotoResult(path=path, width=prepared.width, height=prepared.height, faces=faces)
 
 
-def _worker_init() -> None:
+def _exit_with_parent(parent: int) -> None:
+    """Worker side: exit when the parent dies (e.g. kill -9), instead of lingering as an orphan."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
+def _worker_init(parent: int) -> None:
+    _exit_with_parent(parent)
     # One BLAS/OpenMP thread per worker: the pool already uses every core.
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
@@ -153,7 +167,9 @@ class EncoderPool:
             # spawn, not fork: the parent runs watchdog threads, and forking a threaded process
             # can deadlock the child.
             ctx = multiprocessing.get_context("spawn")
-            self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_worker_init)
+            self._pool = cf.ProcessPoolExecutor(
+                self.workers, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),)
+            )
         return self._pool
 
     def map(self, paths: Iterable[Path]) -> Iterator[PhotoResult]:

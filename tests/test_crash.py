@@ -7,6 +7,8 @@ import signal
 import subprocess
 import time
 
+import psutil
+
 from organizer.evaluate import tree_assignment
 
 from .conftest import make_library, organizer_cmd, run_organizer
@@ -45,12 +47,17 @@ def test_kill_during_scan_then_resume(tmp_path, dev_library):
         if m:
             first.append(m.group(1))
             if len(first) >= 40:
+                workers = psutil.Process(proc.pid).children(recursive=True)
                 proc.send_signal(signal.SIGKILL)
                 break
     proc.wait(timeout=60)
     proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
     assert len(first) >= 40
+    # the encoder workers notice their parent died and exit instead of lingering as orphans
+    assert workers
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive
 
     second = run_organizer("scan", "--watch", str(watch), "--output", str(output))
     again = ENCODED.findall(second.stderr)
