@@ -7,6 +7,7 @@ reason a person can read; nothing here ever writes to the original file.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import stat
 import struct
@@ -18,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+log = logging.getLogger(__name__)
+
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 # Files that are still being written by a browser, rsync, a download manager or an editor.
 PARTIAL_SUFFIXES = frozenset({".part", ".partial", ".crdownload", ".download", ".tmp", ".temp", ".swp"})
@@ -25,10 +28,17 @@ PARTIAL_SUFFIXES = frozenset({".part", ".partial", ".crdownload", ".download", "
 # Never decode a truncated file as if it were whole: face_recognition turns this on globally when
 # imported, encode.py turns it off again, and we pin it here too.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# The decompression-bomb guard is ``max_pixels``, checked in load_for_detection before anything is
+# decoded. PIL's own fixed limit (2 x 89 MP, raised inside Image.open) would otherwise refuse a
+# 200 MP panorama even when the user raised max_pixels to allow it.
+Image.MAX_IMAGE_PIXELS = None
 
 
 class IngestError(Exception):
     """A photo that cannot be read; the message is shown to the user as the reason."""
+
+
+VANISHED = "file disappeared before it could be read"
 
 
 @dataclass
@@ -62,16 +72,44 @@ def _inside(path: Path, roots: Iterable[Path]) -> bool:
     return False
 
 
-def discover(watch: Path, exclude: Iterable[Path] = ()) -> Iterator[Path]:
+def storable_name(path: Path) -> bool:
+    """False for a name that is not valid UTF-8 (e.g. Latin-1 from an old camera or archive).
+
+    The store keeps paths as SQLite text, which must be UTF-8: such a name made the whole scan
+    crash (UnicodeEncodeError) on every start. Until the store can hold arbitrary bytes, these
+    files are skipped with a warning asking to rename them.
+    """
+    try:
+        str(path).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def printable(path: Path | str) -> str:
+    """A path as text that can be logged or shown: undecodable bytes appear as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def discover(watch: Path, exclude: Iterable[Path] = (), unreadable: list[Path] | None = None) -> Iterator[Path]:
     """Yield every candidate photo under ``watch`` (recursively, sorted, absolute paths).
 
     Directory symlinks are not followed (no loops, no escaping the watched tree); hidden
     directories and the ``exclude`` folders (the output tree, the db folder) are skipped.
     File symlinks are yielded; :func:`check_readable` decides whether they may be read.
+    Folders that cannot be listed (permissions, I/O errors) are logged and appended to
+    ``unreadable``: their photos are not gone, only out of reach for now.
     """
     watch = Path(os.path.abspath(watch))
     excluded = [Path(os.path.abspath(p)) for p in exclude]
-    for dirpath, dirnames, filenames in os.walk(watch, followlinks=False, onerror=None):
+
+    def report(exc: OSError) -> None:
+        log.warning("cannot list folder %s: %s (its photos are skipped for now)",
+                    printable(exc.filename or "?"), exc.strerror or exc)
+        if unreadable is not None and exc.filename:
+            unreadable.append(Path(os.fsdecode(exc.filename)))
+
+    for dirpath, dirnames, filenames in os.walk(watch, followlinks=False, onerror=report):
         here = Path(dirpath)
         dirnames[:] = sorted(
             d for d in dirnames if not d.startswith(".") and not _inside(here / d, excluded)
@@ -79,6 +117,10 @@ def discover(watch: Path, exclude: Iterable[Path] = ()) -> Iterator[Path]:
         for name in sorted(filenames):
             path = here / name
             if is_candidate(path) and not _inside(path, excluded):
+                if not storable_name(path):
+                    log.warning("skipping %s: its name is not valid UTF-8; rename the file to have it sorted",
+                                printable(path))
+                    continue
                 yield path
 
 
@@ -89,7 +131,7 @@ def check_readable(path: Path, watch: Path) -> os.stat_result:
     except FileNotFoundError:
         if os.path.islink(path):
             raise IngestError("broken symlink (target missing)") from None
-        raise IngestError("file disappeared before it could be read") from None
+        raise IngestError(VANISHED) from None
     except OSError as exc:  # ELOOP for symlink loops, EACCES, ...
         raise IngestError(f"cannot stat file: {exc.strerror or exc}") from None
     if os.path.islink(path):
@@ -112,6 +154,8 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         with open(path, "rb") as fh:
             while block := fh.read(chunk):
                 digest.update(block)
+    except FileNotFoundError:
+        raise IngestError(VANISHED) from None
     except OSError as exc:
         raise IngestError(f"cannot read file: {exc.strerror or exc}") from None
     return digest.hexdigest()
@@ -146,6 +190,9 @@ def load_for_detection(path: Path, max_side: int, max_pixels: int) -> Prepared:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # PIL warns (to stderr, outside our log format) about corrupt EXIF blocks; a broken
+            # EXIF block is handled below by using the image as stored.
+            warnings.simplefilter("ignore", UserWarning)
             im = Image.open(path)
             im.seek(0)  # first frame of animated GIF/WebP
             w, h = im.size
@@ -174,6 +221,8 @@ def load_for_detection(path: Path, max_side: int, max_pixels: int) -> Prepared:
         raise IngestError(f"image too large (decompression bomb guard): {exc}") from None
     except UnidentifiedImageError:
         raise IngestError("not a recognised image format (corrupt or not an image)") from None
+    except FileNotFoundError:
+        raise IngestError(VANISHED) from None
     except OSError as exc:
         msg = str(exc)
         if "truncated" in msg.lower() or "premature end" in msg.lower():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .config import Settings
 from .encode import EncoderUnavailable, check_models
-from .ingest import discover, is_candidate
+from .ingest import discover, is_candidate, printable, storable_name
 from .pipeline import Organizer
 from .store import Store, StoreError
 from .watch import Settler, Watcher
@@ -130,6 +130,10 @@ class Service:
         except ValueError:
             return
         if any(part.startswith(".") for part in rel.parts):
+            return
+        if not storable_name(p):
+            log.warning("skipping %s: its name is not valid UTF-8; rename the file to have it sorted",
+                        printable(p))
             return
         if os.path.isdir(p) or is_candidate(p) or not os.path.lexists(p):
             settler.add(path)
