@@ -6,6 +6,7 @@ with the paths the watcher reports and :meth:`Organizer.scan` for periodic resca
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -15,7 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .cluster import FaceAssignment, assign_clusters, batch_labels
+from .cluster import REASON_UNUSABLE, FaceAssignment, Neighbours, People, batch_labels
+from .incremental_dbscan import IncrementalDBSCAN
+
+try:  # TEMPORARY until refine.py lands
+    from .refine import refine_cluster
+except ImportError:
+    refine_cluster = None
 from .config import Settings
 from .encode import EncoderPool
 from .ingest import IngestError, check_readable, discover, is_candidate, sha256_file
@@ -38,6 +45,11 @@ class ScanReport:
     unsettled: list[Path] = field(default_factory=list)
 
 
+def _quality(sharpness: float, size: float) -> float:
+    """How good a face is as a folder's representative: sharp and large."""
+    return float(np.log1p(sharpness) + np.log1p(size))
+
+
 class Organizer:
     """One organizer over one store. Not thread-safe: call it from one thread."""
 
@@ -49,6 +61,9 @@ class Organizer:
         n = settings.service.workers if workers is None else workers
         self.encoder = EncoderPool(settings.detection_settings(), n or (os.cpu_count() or 1))
         self._retry_failed = True  # failed files are retried once per start-up
+        self._engine: IncrementalDBSCAN | None = None  # built from the store on first use
+        self._people: People | None = None
+        self._meta: dict[int, tuple[str, float]] = {}  # usable face -> (photo sha256, quality)
 
     def close(self) -> None:
         self.encoder.close()
@@ -213,47 +228,131 @@ class Organizer:
 
     # ---- clustering + output ---------------------------------------------------------------
     def recluster(self) -> None:
-        """Recompute clusters from every stored encoding (batch DBSCAN), keeping ids stable."""
-        c = self.settings.clustering
-        d = self.settings.detection
+        """Batch: scikit-learn DBSCAN over every usable face, people derived from scratch.
+
+        The reference for the incremental engine and a repair tool; ids stay stable.
+        """
+        c, d = self.settings.clustering, self.settings.detection
         ids, shas, enc, sharp, size = self.store.usable_encodings(d.min_face_size, d.min_sharpness)
         labels = batch_labels(enc, c.eps, c.min_samples)
-        previous = self.store.cluster_assignments()
-        result = assign_clusters(
-            ids, shas, enc, labels, previous, self.store.next_cluster_id(), c.doubt_margin, sharp, size
+        clusters = {int(lab): ids[labels == lab].tolist() for lab in np.unique(labels) if lab >= 0}
+        index = Neighbours(ids, enc)
+        row = {int(f): i for i, f in enumerate(ids)}
+        people = People(c, refine_cluster)
+        result = people.derive(
+            clusters,
+            vec=lambda f: enc[row[f]],
+            photo=lambda f: shas[row[f]],
+            quality=lambda f: _quality(sharp[row[f]], size[row[f]]),
+            neighbours=index.within,
+            all_faces=ids.tolist(),
+            previous=self.store.cluster_assignments(),
+            next_id=self.store.next_cluster_id(),
         )
-        assignments = dict(result.assignments)
-        # faces too small or blurred to trust: doubtful, with their nearest person as a hint
-        clustered_ids = [fid for fid, a in assignments.items() if a.cluster_id is not None and not a.doubtful]
-        unusable = [f for f in self.store.faces() if f.id not in assignments]
-        if unusable:
-            hint = self._nearest_cluster(unusable, clustered_ids, assignments)
-            for f in unusable:
-                assignments[f.id] = FaceAssignment(
-                    None, True, "face too small or too blurred to recognise reliably", hint.get(f.id)
-                )
-        self.store.save_clustering(
-            {fid: (a.cluster_id, a.doubtful, a.reason, a.nearest_cluster) for fid, a in assignments.items()},
-            result.clusters,
-            result.next_id,
-        )
+        self._save(result, full=True, unusable_hint=index.within, cid=people.cid)
+        self._engine = None  # the incremental state is rebuilt from the store on next use
+        self._people = None
 
-    def _nearest_cluster(self, faces, clustered_ids, assignments) -> dict[int, int]:
-        if not clustered_ids:
-            return {}
-        ref = self.store.encodings_for(clustered_ids)
-        keys = list(ref)
-        mat = np.stack([ref[k] for k in keys])
-        mine = self.store.encodings_for(f.id for f in faces)
-        out = {}
-        for fid, vec in mine.items():
-            j = int(np.argmin(np.linalg.norm(mat - vec, axis=1)))
-            out[fid] = assignments[keys[j]].cluster_id
-        return out
+    def update_clusters(self) -> None:
+        """Incremental: feed new and removed faces to the DBSCAN engine, re-derive what changed."""
+        c, d = self.settings.clustering, self.settings.detection
+        if self._engine is None:
+            self._start_engine()
+            return
+        engine, people = self._engine, self._people
+        current = self.store.usable_ids(d.min_face_size, d.min_sharpness)
+        known = set(self._meta)
+        added = sorted(current - known)
+        deleted = sorted(known - current)
+        if not added and not deleted and not self.store.unassigned_faces():
+            return
+        moved = [engine.vector(f) for f in deleted]
+        touched_faces: set[int] = set()
+        touched_labels: set[int] = set()
+        if deleted:
+            upd = engine.delete(deleted)
+            touched_faces |= upd.changed_keys
+            touched_labels |= upd.touched_labels
+            for f in deleted:
+                self._meta.pop(f, None)
+        if added:
+            ids, shas, enc, sharp, size = self.store.faces_by_id(added)
+            for i, f in enumerate(ids.tolist()):
+                self._meta[f] = (shas[i], _quality(sharp[i], size[i]))
+            upd = engine.insert(ids.tolist(), enc)
+            touched_faces |= upd.changed_keys
+            touched_labels |= upd.touched_labels
+        live = engine.clusters()
+        touched_faces &= current
+        result = people.derive(
+            {lab: live[lab] for lab in touched_labels if lab in live},
+            vec=engine.vector,
+            photo=lambda f: self._meta[f][0],
+            quality=lambda f: self._meta[f][1],
+            neighbours=self._engine_within,
+            all_faces=current,
+            previous=dict(people.cid),
+            next_id=self.store.next_cluster_id(),
+            touched_faces=touched_faces,
+            moved_vectors=moved,
+        )
+        self._save(result, full=False, unusable_hint=self._engine_within, cid=people.cid)
+
+    def _fingerprint(self) -> str:
+        """Settings that shape the clustering: a saved clustering made with others is redone."""
+        c, d = self.settings.clustering, self.settings.detection
+        return "clean:" + json.dumps([c.model_dump(), d.min_face_size, d.min_sharpness], sort_keys=True)
+
+    def _start_engine(self) -> None:
+        """Build the engine from the store (start-up); re-derive people only if the saved
+        clustering is stale (a crash between two commits, or changed settings)."""
+        c, d = self.settings.clustering, self.settings.detection
+        ids, shas, enc, sharp, size = self.store.usable_encodings(d.min_face_size, d.min_sharpness)
+        self._engine = IncrementalDBSCAN.build(c.eps, c.min_samples, ids.tolist(), enc)
+        self._meta = {int(f): (shas[i], _quality(sharp[i], size[i])) for i, f in enumerate(ids)}
+        self._people = People(c, refine_cluster)
+        if self.store.clustering_clean(self._fingerprint()):
+            saved = self.store.saved_assignments()
+            for f in self._meta:
+                cid, doubtful, reason, near = saved[f]
+                self._people.cid[f] = cid
+                self._people.assign[f] = FaceAssignment(cid, doubtful, reason, near)
+            return
+        result = self._people.derive(
+            self._engine.clusters(),
+            vec=self._engine.vector,
+            photo=lambda f: self._meta[f][0],
+            quality=lambda f: self._meta[f][1],
+            neighbours=self._engine_within,
+            all_faces=ids.tolist(),
+            previous=self.store.cluster_assignments(),
+            next_id=self.store.next_cluster_id(),
+        )
+        self._save(result, full=True, unusable_hint=self._engine_within, cid=self._people.cid)
+
+    def _engine_within(self, vec: np.ndarray, radius: float):
+        return self._engine.within(vec, radius)
+
+    def _save(self, result, full: bool, unusable_hint, cid) -> None:
+        """Store a clustering result, plus doubt for faces too small or blurred to cluster."""
+        d = self.settings.detection
+        assignments = {
+            f: (a.cluster_id, a.doubtful, a.reason, a.nearest_cluster) for f, a in result.assignments.items()
+        }
+        ids, _, enc, _, _ = self.store.usable_encodings(d.min_face_size, d.min_sharpness, usable=False)
+        pending = self.store.unassigned_faces()
+        for i, f in enumerate(ids.tolist()):
+            if full or f in pending:
+                near, dist = unusable_hint(enc[i], 2 * self.settings.clustering.eps)
+                best = sorted((dd, cid[g]) for g, dd in zip(near.tolist(), dist.tolist()) if cid.get(g) is not None)
+                assignments[f] = (None, True, REASON_UNUSABLE, best[0][1] if best else None)
+        self.store.save_clustering(
+            assignments, result.clusters, result.removed, result.next_id, full=full, fingerprint=self._fingerprint()
+        )
 
     def refresh(self) -> None:
-        """Update clusters and reconcile the output tree with the store."""
-        self.recluster()
+        """Update clusters (incrementally) and reconcile the output tree with the store."""
+        self.update_clusters()
         self.reconcile()
 
     def reconcile(self):

@@ -144,6 +144,19 @@ def _check_foreign(path: Path) -> None:
         )
 
 
+def _face_arrays(rows):
+    ids = np.array([r[0] for r in rows], dtype=np.int64)
+    shas = np.array([r[1] for r in rows], dtype=object)
+    enc = (
+        np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float64).reshape(len(rows), -1)
+        if rows
+        else np.zeros((0, 128))
+    )
+    sharp = np.array([r[3] for r in rows], dtype=np.float64)
+    size = np.array([r[4] for r in rows], dtype=np.float64)
+    return ids, shas, enc, sharp, size
+
+
 class Store:
     """The organizer's database. Open with :meth:`open` (writer) or :meth:`open_readonly`."""
 
@@ -298,6 +311,7 @@ class Store:
             for path, size, mtime, reason in failed:
                 self._put_photo(path, None, size, mtime, "failed", reason, now)
             self._prune_orphans()  # content replaced at the same path
+            self._mark_dirty()
 
     def _put_photo(self, path, sha, size, mtime, status, error, now) -> None:
         self.db["photos"].upsert(
@@ -319,6 +333,15 @@ class Store:
             for path in paths:
                 self.db.execute("delete from photos where path=?", [path])
             self._prune_orphans()
+            self._mark_dirty()
+
+    def _mark_dirty(self) -> None:
+        """Faces changed: the saved clustering no longer covers every face."""
+        self.db.execute("insert or replace into meta (key, value) values ('cluster_state', 'dirty')")
+
+    def clustering_clean(self, fingerprint: str) -> bool:
+        """True when the saved clustering covers every face and was made with these settings."""
+        return self.get_meta("cluster_state") == fingerprint
 
     def _prune_orphans(self) -> None:
         orphan = "select sha256 from images where sha256 not in (select sha256 from photos where sha256 is not null)"
@@ -326,35 +349,47 @@ class Store:
         self.db.execute(f"delete from images where sha256 in ({orphan})")
 
     # ---- faces & clusters ----------------------------------------------------------------
-    def usable_encodings(self, min_size: int, min_sharpness: float):
-        """(face ids, sha256 per face, encodings float64 n x 128, sharpness, size) of faces fit
-        for clustering: at least ``min_size`` pixels and ``min_sharpness``."""
+    def usable_encodings(self, min_size: int, min_sharpness: float, usable: bool = True):
+        """(face ids, sha256 per face, encodings float64 n x 128, sharpness, size) of the faces fit
+        for clustering (at least ``min_size`` pixels and ``min_sharpness``), or of the others."""
+        cond = "size>=? and sharpness>=?" if usable else "not (size>=? and sharpness>=?)"
         rows = self.db.execute(
-            "select id, sha256, encoding, sharpness, size from faces where size>=? and sharpness>=?"
-            " order by id",
+            f"select id, sha256, encoding, sharpness, size from faces where {cond} order by id",
             [min_size, min_sharpness],
         ).fetchall()
-        ids = np.array([r[0] for r in rows], dtype=np.int64)
-        shas = np.array([r[1] for r in rows], dtype=object)
-        enc = (
-            np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float64).reshape(len(rows), -1)
-            if rows
-            else np.zeros((0, 128))
-        )
-        sharp = np.array([r[3] for r in rows], dtype=np.float64)
-        size = np.array([r[4] for r in rows], dtype=np.float64)
-        return ids, shas, enc, sharp, size
+        return _face_arrays(rows)
 
-    def encodings_for(self, face_ids: Iterable[int]) -> dict[int, np.ndarray]:
-        out = {}
-        for fid in face_ids:
-            row = self.db.execute("select encoding from faces where id=?", [fid]).fetchone()
-            if row:
-                out[fid] = np.frombuffer(row[0], dtype=np.float64)
-        return out
+    def usable_ids(self, min_size: int, min_sharpness: float) -> set[int]:
+        return {r[0] for r in self.db.execute(
+            "select id from faces where size>=? and sharpness>=?", [min_size, min_sharpness])}
+
+    def faces_by_id(self, ids: Iterable[int]):
+        """Like :meth:`usable_encodings`, for the given face ids."""
+        ids = list(ids)
+        rows = []
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            rows += self.db.execute(
+                "select id, sha256, encoding, sharpness, size from faces where id in"
+                f" ({','.join('?' * len(chunk))}) order by id",
+                chunk,
+            ).fetchall()
+        rows.sort()
+        return _face_arrays(rows)
 
     def faces(self) -> list[Face]:
         return self.faces_where("1=1 order by id", [])
+
+    def unassigned_faces(self) -> set[int]:
+        """Faces stored but never clustered (no cluster and no doubt reason yet)."""
+        return {r[0] for r in self.db.execute(
+            "select id from faces where cluster_id is null and doubt_reason is null")}
+
+    def saved_assignments(self) -> dict[int, tuple[int | None, bool, str | None, int | None]]:
+        return {
+            r[0]: (r[1], bool(r[2]), r[3], r[4])
+            for r in self.db.execute("select id, cluster_id, doubtful, doubt_reason, nearest_cluster from faces")
+        }
 
     def cluster_assignments(self) -> dict[int, int | None]:
         return {r[0]: r[1] for r in self.db.execute("select id, cluster_id from faces")}
@@ -366,22 +401,24 @@ class Store:
         self,
         assignments: dict[int, tuple[int | None, bool, str | None, int | None]],
         clusters: dict[int, tuple[int, int]],
+        removed: Iterable[int],
         next_cluster_id: int,
+        full: bool = False,
+        fingerprint: str = "dirty",
     ) -> None:
         """Write face -> (cluster, doubtful, reason, nearest) and cluster -> (size, representative).
 
-        Clusters that are no longer present are deleted (their ids are never reused: the
-        counter only grows); names of surviving clusters are kept.
+        ``removed`` clusters are deleted (``full``: every cluster not in ``clusters``); ids are
+        never reused (the counter only grows) and names of surviving clusters are kept.
         """
         with self.db.atomic():
-            for fid, (cid, doubtful, reason, nearest) in assignments.items():
-                self.db.execute(
-                    "update faces set cluster_id=?, doubtful=?, doubt_reason=?, nearest_cluster=?"
-                    " where id=?",
-                    [cid, int(doubtful), reason, nearest, fid],
-                )
+            self.db.conn.executemany(
+                "update faces set cluster_id=?, doubtful=?, doubt_reason=?, nearest_cluster=? where id=?",
+                [(cid, int(d), reason, near, fid) for fid, (cid, d, reason, near) in assignments.items()],
+            )
             existing = {r[0] for r in self.db.execute("select id from clusters")}
-            for cid in existing - set(clusters):
+            gone = (existing - set(clusters)) if full else (set(removed) - set(clusters))
+            for cid in gone:
                 self.db.execute("delete from clusters where id=?", [cid])
             for cid, (size, rep) in clusters.items():
                 if cid in existing:
@@ -392,6 +429,9 @@ class Store:
                     self.db["clusters"].insert({"id": cid, "name": None, "size": size, "representative_face": rep})
             self.db.execute(
                 "update meta set value=? where key='next_cluster_id'", [str(next_cluster_id)]
+            )
+            self.db.execute(
+                "insert or replace into meta (key, value) values ('cluster_state', ?)", [fingerprint]
             )
 
     def clusters(self) -> list[dict]:

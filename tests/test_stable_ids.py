@@ -1,0 +1,128 @@
+"""Stable person ids: adds, a merge and a split, through the engine and the people layer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from organizer.cluster import Neighbours, People, batch_labels, match_ids
+from organizer.config import ClusteringConfig
+from organizer.incremental_dbscan import IncrementalDBSCAN
+
+CFG = ClusteringConfig(eps=0.5, min_samples=2, doubt_margin=0.0)
+
+
+def test_match_ids_rules():
+    prev = {1: 10, 2: 10, 3: 10, 4: 11, 5: 11}
+    # merge: 10 (3 faces) and 11 (2 faces) -> one group keeps 10
+    ids, nxt = match_ids([[1, 2, 3, 4, 5]], prev, 12)
+    assert ids == [10] and nxt == 12
+    # split: the larger part keeps 10, the other gets a fresh id; untouched 11 keeps its id
+    ids, nxt = match_ids([[1], [2, 3], [4, 5]], prev, 12)
+    assert ids == [12, 10, 11] and nxt == 13
+    # reserved ids are never handed out
+    ids, _ = match_ids([[4, 5]], prev, 12, reserved={11})
+    assert ids == [12]
+
+
+class World:
+    """Points on a line in 128-d (first coordinate), driven through engine + People."""
+
+    def __init__(self):
+        self.engine = IncrementalDBSCAN(CFG.eps, CFG.min_samples, dim=128)
+        self.people = People(CFG)
+        self.vec: dict[int, np.ndarray] = {}
+        self.next_id = 1
+        self.store: dict[int, int | None] = {}
+
+    def _point(self, x: float) -> np.ndarray:
+        v = np.zeros(128)
+        v[0] = x
+        return v
+
+    def _derive(self, upd, moved=()):
+        live = self.engine.clusters()
+        res = self.people.derive(
+            {lab: live[lab] for lab in upd.touched_labels if lab in live},
+            vec=self.engine.vector, photo=lambda f: f, quality=lambda f: 0.0,
+            neighbours=self.engine.within, all_faces=set(self.vec), previous=dict(self.people.cid),
+            next_id=self.next_id, touched_faces=upd.changed_keys & set(self.vec), moved_vectors=moved,
+        )
+        self.next_id = res.next_id
+        for f, a in res.assignments.items():
+            self.store[f] = a.cluster_id
+        for f in list(self.store):
+            if f not in self.vec:
+                del self.store[f]
+        return res
+
+    def add(self, key: int, x: float):
+        self.vec[key] = self._point(x)
+        return self._derive(self.engine.insert([key], self.vec[key][None, :]))
+
+    def remove(self, key: int):
+        moved = [self.vec.pop(key)]
+        return self._derive(self.engine.delete([key]), moved)
+
+    def ids(self, keys):
+        return {self.people.cid.get(k) for k in keys}
+
+    def batch_partition(self):
+        keys = sorted(self.vec)
+        enc = np.stack([self.vec[k] for k in keys])
+        labels = batch_labels(enc, CFG.eps, CFG.min_samples)
+        groups = {}
+        for k, lab in zip(keys, labels):
+            if lab >= 0:
+                groups.setdefault(lab, set()).add(k)
+        return {frozenset(g) for g in groups.values()}
+
+    def partition(self):
+        groups = {}
+        for k, c in self.people.cid.items():
+            if c is not None:
+                groups.setdefault(c, set()).add(k)
+        return {frozenset(g) for g in groups.values()}
+
+
+def test_adds_merge_split_keep_ids():
+    w = World()
+    # person A: 3 faces around 0; person B: 2 faces around 5
+    for k, x in [(1, 0.0), (2, 0.3), (3, 0.6)]:
+        w.add(k, x)
+    for k, x in [(4, 5.0), (5, 5.3)]:
+        w.add(k, x)
+    (a,) = w.ids([1, 2, 3])
+    (b,) = w.ids([4, 5])
+    assert a is not None and b is not None and a != b
+    # adding a face to A changes nothing for B
+    w.add(6, 0.9)
+    assert w.ids([1, 2, 3, 6]) == {a} and w.ids([4, 5]) == {b}
+    # a chain of faces bridges A and B: the merged person keeps A's id (the larger)
+    for k, x in [(7, 1.3), (8, 1.7), (9, 2.1), (10, 2.5), (11, 2.9), (12, 3.3), (13, 3.7), (14, 4.1), (15, 4.5)]:
+        w.add(k, x)
+    assert w.ids(range(1, 16)) == {a}
+    assert w.partition() == w.batch_partition()
+    # removing the middle of the bridge splits it again: the larger part keeps a, the smaller a fresh id
+    w.remove(11)
+    left, right = w.ids([1, 2, 3, 6, 7, 8, 9, 10]), w.ids([12, 13, 14, 15, 4, 5])
+    assert left == {a}
+    assert len(right) == 1 and right != {a} and right != {None}
+    assert w.partition() == w.batch_partition()
+    # ids are never reused
+    assert w.next_id > max(a, b, *right)
+
+
+def test_incremental_equals_batch_on_random_sequence():
+    rng = np.random.default_rng(7)
+    w = World()
+    alive = []
+    for step in range(120):
+        if alive and rng.random() < 0.3:
+            k = alive.pop(int(rng.integers(len(alive))))
+            w.remove(k)
+        else:
+            k = step + 100
+            w.add(k, float(rng.integers(0, 40)) * 0.25 + rng.random() * 0.1)
+            alive.append(k)
+        assert w.partition() == w.batch_partition(), step
