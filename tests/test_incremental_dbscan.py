@@ -1,0 +1,115 @@
+"""The incremental engine keeps exactly scikit-learn's DBSCAN partition under inserts and deletes."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.cluster import DBSCAN
+
+from organizer.incremental_dbscan import IncrementalDBSCAN
+
+
+def assert_same_as_sklearn(eng: IncrementalDBSCAN, points: dict[int, np.ndarray]) -> None:
+    keys = sorted(points)
+    if not keys:
+        assert len(eng) == 0
+        return
+    X = np.stack([points[k] for k in keys])
+    db = DBSCAN(eps=eng.eps, min_samples=eng.min_samples).fit(X)
+    core = {keys[i] for i in db.core_sample_indices_}
+    assert core == {k for k in keys if eng.is_core(k)}
+    assert {k for k, l in zip(keys, db.labels_) if l < 0} == {k for k in keys if eng.label(k) < 0}
+    ours: dict[int, set[int]] = {}
+    theirs: dict[int, set[int]] = {}
+    for k, l in zip(keys, db.labels_):
+        if k in core:
+            ours.setdefault(eng.label(k), set()).add(k)
+            theirs.setdefault(l, set()).add(k)
+    assert {frozenset(v) for v in ours.values()} == {frozenset(v) for v in theirs.values()}
+    # border points: in the cluster of their nearest core (ties: smaller key)
+    core_keys = sorted(core)
+    C = np.stack([points[k] for k in core_keys]) if core_keys else np.zeros((0, X.shape[1]))
+    for k, l in zip(keys, db.labels_):
+        if k in core or l < 0:
+            continue
+        d = np.sqrt(((C - points[k]) ** 2).sum(1))
+        near = min((dd, ck) for dd, ck in zip(d.tolist(), core_keys) if dd <= eng.eps)
+        assert eng.label(k) == eng.label(near[1])
+    # clusters() agrees with label()
+    for lab, members in eng.clusters().items():
+        assert all(eng.label(k) == lab for k in members)
+
+
+ops_2d = st.lists(
+    st.one_of(
+        st.tuples(st.just("add"), st.integers(0, 9), st.integers(0, 9)),
+        st.tuples(st.just("del"), st.integers(0, 10_000), st.just(0)),
+    ),
+    min_size=1,
+    max_size=80,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=ops_2d, min_samples=st.integers(1, 5))
+def test_2d_grid_with_exact_eps_ties(ops, min_samples):
+    # integer grid, eps = 1.0: many pairs lie exactly at distance eps
+    eng = IncrementalDBSCAN(1.0, min_samples, dim=2)
+    points: dict[int, np.ndarray] = {}
+    for i, (op, a, b) in enumerate(ops):
+        if op == "add":
+            points[i] = np.array([a, b], dtype=float)
+            eng.insert([i], points[i][None, :])
+        elif points:
+            k = sorted(points)[a % len(points)]
+            del points[k]
+            eng.delete([k])
+        assert_same_as_sklearn(eng, points)
+    keys = sorted(points)
+    if keys:
+        built = IncrementalDBSCAN.build(1.0, min_samples, keys, np.stack([points[k] for k in keys]), dim=2)
+        assert_same_as_sklearn(built, points)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n_people=st.integers(1, 6), min_samples=st.integers(2, 4))
+def test_128d_face_like_inserts_and_deletes(seed, n_people, min_samples):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(n_people, 128))
+    centers *= 0.45 / np.linalg.norm(centers, axis=1, keepdims=True)  # people ~0.6-0.9 apart
+    eng = IncrementalDBSCAN(0.5, min_samples)
+    points: dict[int, np.ndarray] = {}
+    for i in range(60):
+        if points and rng.random() < 0.25:
+            k = sorted(points)[int(rng.integers(len(points)))]
+            del points[k]
+            eng.delete([k])
+        else:
+            spread = 0.25 if rng.random() < 0.85 else 0.6  # some strangers / outliers
+            v = centers[rng.integers(n_people)] + rng.normal(scale=spread / np.sqrt(128), size=128)
+            points[i] = v
+            eng.insert([i], v[None, :])
+        assert_same_as_sklearn(eng, points)
+    keys = sorted(points)
+    built = IncrementalDBSCAN.build(0.5, min_samples, keys, np.stack([points[k] for k in keys]))
+    assert_same_as_sklearn(built, points)
+
+
+def test_untouched_clusters_keep_labels_and_update_reports():
+    eng = IncrementalDBSCAN(1.0, 2, dim=2)
+    eng.insert([1, 2], np.array([[0.0, 0], [0.5, 0]]))
+    eng.insert([3, 4], np.array([[10.0, 0], [10.5, 0]]))
+    a, b = eng.label(1), eng.label(3)
+    upd = eng.insert([5], np.array([[0.9, 0.0]]))
+    assert eng.label(5) == a and eng.label(3) == b
+    assert upd.touched_labels == {a} and upd.changed_keys == {5}
+    # a bridge merges them: the larger cluster (a, 3 points) keeps its label
+    bridge = list(range(6, 16))  # x = 1.8, 2.7, ..., 9.9: 0.9 apart
+    upd = eng.insert(bridge, np.array([[0.9 + 0.9 * i, 0.0] for i in range(1, 11)]))
+    assert eng.label(3) == a and b in upd.removed_labels
+    # deleting a bridge point splits it: the larger part (9 points) keeps the label
+    upd = eng.delete([12])
+    assert eng.label(1) == a and eng.label(11) == a
+    assert eng.label(3) != a and eng.label(3) == eng.label(13)
+    assert eng.label(3) in upd.touched_labels
