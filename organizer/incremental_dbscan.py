@@ -425,3 +425,55 @@ def _roots(parent: np.ndarray, a: np.ndarray) -> np.ndarray:
             parent[a] = r
             return r
         r = rr
+
+
+def save_state(eng: IncrementalDBSCAN, path) -> None:
+    """Persist the engine (points and their DBSCAN state) atomically to an .npz file."""
+    import os
+
+    rows = np.flatnonzero(eng._key >= 0)
+    ncore = eng._ncore[rows]
+    tmp = f"{path}.tmp.npz"
+    np.savez(
+        tmp,
+        params=np.array([eng.eps, eng.min_samples, eng.dim], dtype=np.float64),
+        keys=eng._key[rows],
+        x=eng._x64[rows],
+        count=eng._count[rows],
+        core=eng._core[rows],
+        ncore_key=np.where(ncore >= 0, eng._key[np.maximum(ncore, 0)], -1),
+        ncd=eng._ncd[rows],
+        label=eng._label[rows],
+        next_label=np.array([eng._next_label]),
+    )
+    os.replace(tmp, path)
+
+
+def load_state(path, eps: float, min_samples: int, dim: int = 128) -> IncrementalDBSCAN | None:
+    """Load a saved engine; None when missing, unreadable or made with other parameters."""
+    try:
+        with np.load(path) as z:
+            params = z["params"]
+            if tuple(params) != (float(eps), float(min_samples), float(dim)):
+                return None
+            keys, x = z["keys"], z["x"]
+            n = len(keys)
+            eng = IncrementalDBSCAN(eps, min_samples, dim, capacity=n + 1024)
+            eng._x64[:n] = x
+            eng._x32[:n] = x
+            eng._sq[:n] = (eng._x32[:n] ** 2).sum(1)
+            eng._key[:n] = keys
+            eng._count[:n] = z["count"]
+            eng._core[:n] = z["core"]
+            eng._ncd[:n] = z["ncd"]
+            eng._label[:n] = z["label"]
+            eng._next_label = int(z["next_label"][0])
+            ncore_key = z["ncore_key"]
+    except (OSError, KeyError, ValueError):
+        return None
+    eng._row = {int(k): i for i, k in enumerate(keys.tolist())}
+    eng._free = list(range(len(eng._key) - 1, n - 1, -1))
+    eng._ncore[:n] = [eng._row.get(int(k), -1) if k >= 0 else -1 for k in ncore_key.tolist()]
+    for r in np.flatnonzero(eng._label[:n] >= 0).tolist():
+        eng._members.setdefault(int(eng._label[r]), set()).add(r)
+    return eng

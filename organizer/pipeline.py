@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .cluster import REASON_UNUSABLE, FaceAssignment, Neighbours, People, batch_labels
-from .incremental_dbscan import IncrementalDBSCAN
+from .incremental_dbscan import IncrementalDBSCAN, load_state, save_state
 
 try:  # TEMPORARY until refine.py lands
     from .refine import refine_cluster
@@ -66,6 +66,7 @@ class Organizer:
         self._meta: dict[int, tuple[str, float]] = {}  # usable face -> (photo sha256, quality)
 
     def close(self) -> None:
+        self.save_engine()
         self.encoder.close()
 
     # ---- discovery -------------------------------------------------------------------------
@@ -308,7 +309,7 @@ class Organizer:
         clustering is stale (a crash between two commits, or changed settings)."""
         c, d = self.settings.clustering, self.settings.detection
         ids, shas, enc, sharp, size = self.store.usable_encodings(d.min_face_size, d.min_sharpness)
-        self._engine = IncrementalDBSCAN.build(c.eps, c.min_samples, ids.tolist(), enc)
+        self._engine = self._load_engine(ids, enc)
         self._meta = {int(f): (shas[i], _quality(sharp[i], size[i])) for i, f in enumerate(ids)}
         self._people = People(c, refine_cluster)
         if self.store.clustering_clean(self._fingerprint()):
@@ -329,6 +330,43 @@ class Organizer:
             next_id=self.store.next_cluster_id(),
         )
         self._save(result, full=True, unusable_hint=self._engine_within, cid=self._people.cid)
+
+    @property
+    def engine_state_path(self) -> Path:
+        return Path(str(self.store.path) + ".engine.npz")
+
+    def _load_engine(self, ids: np.ndarray, enc: np.ndarray) -> IncrementalDBSCAN:
+        """The engine for the store's faces: the saved state brought up to date (faces added or
+        removed since it was saved are inserted/deleted), or a full build when there is none."""
+        c = self.settings.clustering
+        eng = load_state(self.engine_state_path, c.eps, c.min_samples)
+        if eng is not None:
+            row = {int(f): i for i, f in enumerate(ids)}
+            stale = []
+            for key in list(eng._row):
+                i = row.get(key)
+                # a face id SQLite reused for another face counts as removed + added
+                if i is None or not np.array_equal(eng.vector(key), enc[i]):
+                    stale.append(key)
+            eng.delete(stale)
+            new = [i for i, f in enumerate(ids.tolist()) if f not in eng._row]
+            if new:
+                eng.insert(ids[new].tolist(), enc[new])
+            log.info("clustering state loaded (%d faces; %d removed, %d added since it was saved)",
+                     len(eng), len(stale), len(new))
+            return eng
+        t0 = time.monotonic()
+        eng = IncrementalDBSCAN.build(c.eps, c.min_samples, ids.tolist(), enc)
+        log.info("clustering state built from the store in %.1f s (%d faces)", time.monotonic() - t0, len(ids))
+        return eng
+
+    def save_engine(self) -> None:
+        """Persist the engine so the next start need not rebuild it (called at shutdown)."""
+        if self._engine is not None:
+            try:
+                save_state(self._engine, self.engine_state_path)
+            except OSError as exc:
+                log.warning("could not save the clustering state: %s", exc)
 
     def _engine_within(self, vec: np.ndarray, radius: float):
         return self._engine.within(vec, radius)

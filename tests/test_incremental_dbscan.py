@@ -113,3 +113,26 @@ def test_untouched_clusters_keep_labels_and_update_reports():
     assert eng.label(1) == a and eng.label(11) == a
     assert eng.label(3) != a and eng.label(3) == eng.label(13)
     assert eng.label(3) in upd.touched_labels
+
+
+def test_saved_state_round_trip(tmp_path):
+    from organizer.incremental_dbscan import load_state, save_state
+
+    rng = np.random.default_rng(3)
+    pts = {i: rng.integers(0, 8, size=2).astype(float) for i in range(60)}
+    eng = IncrementalDBSCAN.build(1.0, 3, list(pts), np.stack(list(pts.values())), dim=2)
+    eng.delete([5, 6, 7])
+    for k in (5, 6, 7):
+        del pts[k]
+    save_state(eng, tmp_path / "state.npz")
+    assert load_state(tmp_path / "state.npz", 1.5, 3, dim=2) is None  # other parameters: not used
+    loaded = load_state(tmp_path / "state.npz", 1.0, 3, dim=2)
+    assert loaded.labels() == eng.labels()
+    # the loaded engine keeps working exactly
+    for i in range(100, 140):
+        pts[i] = rng.integers(0, 8, size=2).astype(float)
+        loaded.insert([i], pts[i][None, :])
+    loaded.delete([10, 11, 12, 13])
+    for k in (10, 11, 12, 13):
+        del pts[k]
+    assert_same_as_sklearn(loaded, pts)
