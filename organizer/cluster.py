@@ -77,45 +77,57 @@ def split_cluster(
     """People inside one DBSCAN cluster: (groups of face ids, {face id: reason} for the rest).
 
     A pure function of the cluster's members (ids ascending), so it can be re-run on the clusters
-    a new photo touched and still agree with a batch run.
+    a new photo touched and still agree with a batch run. Costs O(m) unless refinement splits
+    the cluster (a DBSCAN cluster is eps-connected already; only split parts are re-checked).
     """
     m = len(ids)
     sub = np.asarray(refine(enc, photo, cfg), dtype=int) if refine and m > 2 else np.zeros(m, dtype=int)
     noise: dict[int, str] = {int(ids[i]): REASON_NOISE for i in np.flatnonzero(sub < 0)}
     groups: list[list[int]] = []
-    d = _pairwise(enc, enc)
+    whole = bool((sub == 0).all())
     for s in np.unique(sub[sub >= 0]):
         idx = np.flatnonzero(sub == s)
-        # keep parts eps-connected, so every member has a face of its own person within eps
-        n_parts, part = connected_components(d[np.ix_(idx, idx)] <= eps, directed=False)
-        for p in range(n_parts):
-            members = idx[part == p]
+        if whole:
+            parts = [idx]
+        else:
+            # keep parts eps-connected, so every member has a face of its own person within eps
+            sq = _pairwise(enc[idx], enc[idx]) <= eps
+            n_parts, part = connected_components(sq, directed=False)
+            parts = [idx[part == p] for p in range(n_parts)]
+        for members in parts:
             if len(members) < 2:
                 noise[int(ids[members[0]])] = REASON_NOISE
                 continue
-            # cannot-link: one face per photo; keep the one closest to the rest of the group
-            keep = []
-            by_photo: dict[object, list[int]] = {}
-            for i in members:
-                by_photo.setdefault(photo[i], []).append(i)
-            for same in by_photo.values():
-                if len(same) == 1:
-                    keep.append(same[0])
-                    continue
-                others = [j for j in members if photo[j] != photo[same[0]]]
-                ref = others if others else list(members)
-                score = [float(d[i, ref].mean()) for i in same]
-                best = same[int(np.argmin(score))]
-                keep.append(best)
-                for i in same:
-                    if i != best:
-                        noise[int(ids[i])] = REASON_SAME_PHOTO
+            keep = _one_face_per_photo(members, enc, photo, ids, noise)
             if len(keep) < 2:
                 for i in keep:
                     noise[int(ids[i])] = REASON_NOISE
                 continue
             groups.append(sorted(int(ids[i]) for i in keep))
     return groups, noise
+
+
+def _one_face_per_photo(members: np.ndarray, enc: np.ndarray, photo: np.ndarray, ids, noise) -> list[int]:
+    """Cannot-link: one person appears once per photo. Of several faces of one photo in a group,
+    keep the one closest (mean distance) to the group's faces from other photos."""
+    by_photo: dict[object, list[int]] = {}
+    for i in members.tolist():
+        by_photo.setdefault(photo[i], []).append(i)
+    if all(len(v) == 1 for v in by_photo.values()):
+        return members.tolist()
+    keep = []
+    for ph, same in by_photo.items():
+        if len(same) == 1:
+            keep.append(same[0])
+            continue
+        others = np.array([j for j in members.tolist() if photo[j] != ph] or members.tolist())
+        score = [float(np.linalg.norm(enc[others] - enc[i], axis=1).mean()) for i in same]
+        best = same[int(np.argmin(score))]
+        keep.append(best)
+        for i in same:
+            if i != best:
+                noise[int(ids[i])] = REASON_SAME_PHOTO
+    return sorted(keep)
 
 
 def match_ids(
@@ -170,20 +182,102 @@ class Neighbours:
         self.enc = enc
         self.sq = (enc * enc).sum(1)
 
-    def within(self, vec: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
-        d = np.sqrt(np.maximum(self.sq + vec @ vec - 2 * self.enc @ vec, 0))
-        hit = np.flatnonzero(d <= radius)
-        return self.ids[hit], d[hit]
+    def within_many(self, vecs: np.ndarray, radius: float) -> list[tuple[np.ndarray, np.ndarray]]:
+        out = []
+        for start in range(0, len(vecs), 256):
+            v = vecs[start : start + 256]
+            d = np.sqrt(np.maximum(self.sq[None, :] + (v * v).sum(1)[:, None] - 2 * v @ self.enc.T, 0))
+            for row in d:
+                hit = np.flatnonzero(row <= radius)
+                out.append((self.ids[hit], row[hit]))
+        return out
+
+
+_NONE = (np.inf, -1)
 
 
 class People:
-    """Derives people (stable ids, doubt) from a DBSCAN partition, fully or for what changed."""
+    """Derives people (stable ids, doubt) from a DBSCAN partition, fully or for what changed.
+
+    For doubt it keeps, per face, its nearest face of the same person (``own``) and its nearest
+    face of another person (``other``, for noise: of any person) within ``2 * eps``; an update
+    refreshes them from the distances to the faces that changed, and recomputes a face only when
+    its own person changed or one of its recorded nearest faces changed or left.
+    """
 
     def __init__(self, cfg, refine: RefineFn | None = None):
         self.cfg = cfg
         self.refine = refine
         self.cid: dict[int, int | None] = {}  # face -> cluster id (None: noise)
         self.assign: dict[int, FaceAssignment] = {}
+        self.members: dict[int, set[int]] = {}  # cluster id -> faces
+        self.own: dict[int, tuple[float, int]] = {}  # face -> (distance, face) of its own person
+        self.other: dict[int, tuple[float, int]] = {}  # face -> (distance, face) of another person
+        self._refs: dict[int, set[int]] = {}  # face -> faces that record it as own/other nearest
+        self._reason: dict[int, str] = {}
+
+    def _set_cid(self, f: int, c: int | None) -> None:
+        old = self.cid.get(f)
+        if old is not None:
+            self.members[old].discard(f)
+            if not self.members[old]:
+                del self.members[old]
+        self.cid[f] = c
+        if c is not None:
+            self.members.setdefault(c, set()).add(f)
+
+    def load(self, saved: dict[int, tuple], faces: Iterable[int], vec, within_many) -> None:
+        """Resume from a saved clustering (clean store): ids and doubt from the store, nearest
+        faces recomputed (needed for later incremental updates)."""
+        faces = sorted(faces)
+        for f in faces:
+            cid, doubtful, reason, near = saved[f]
+            self._set_cid(f, cid)
+            self.assign[f] = FaceAssignment(cid, doubtful, reason, near)
+            if reason and cid is None:
+                self._reason[f] = reason
+        self._recompute(faces, vec, within_many)
+
+    def _set_near(self, f: int, own: tuple[float, int], other: tuple[float, int]) -> None:
+        for old in (self.own.get(f, _NONE)[1], self.other.get(f, _NONE)[1]):
+            if old >= 0 and old in self._refs:
+                self._refs[old].discard(f)
+        self.own[f], self.other[f] = own, other
+        for new in (own[1], other[1]):
+            if new >= 0:
+                self._refs.setdefault(new, set()).add(f)
+
+    def _recompute(self, faces: list[int], vec, within_many) -> list:
+        """Nearest own/other face of each face from scratch; returns the radius query results."""
+        if not faces:
+            return []
+        radius = 2 * self.cfg.eps
+        found = within_many(np.stack([vec(f) for f in faces]), radius)
+        for f, (near, dist) in zip(faces, found):
+            own, other = _NONE, _NONE
+            mine = self.cid.get(f)
+            for g, d in zip(near.tolist(), dist.tolist()):
+                c = self.cid.get(g)
+                if g == f or c is None:
+                    continue
+                if c == mine:
+                    own = min(own, (d, g))
+                else:
+                    other = min(other, (d, g))
+            self._set_near(f, own, other)
+        return found
+
+    def _decide(self, f: int) -> FaceAssignment:
+        eps, margin = self.cfg.eps, self.cfg.doubt_margin
+        c = self.cid.get(f)
+        od, og = self.other.get(f, _NONE)
+        other_c = self.cid.get(og) if og >= 0 else None
+        if c is None:
+            return FaceAssignment(None, True, self._reason.get(f, REASON_NOISE), other_c)
+        own_d = self.own.get(f, _NONE)[0]
+        if og >= 0 and od <= eps and od - own_d < margin:
+            return FaceAssignment(c, True, f"almost as close to cluster {other_c} as to its own", other_c)
+        return FaceAssignment(c, False, None, c)
 
     def derive(
         self,
@@ -191,26 +285,29 @@ class People:
         vec: Callable[[int], np.ndarray],
         photo: Callable[[int], object],
         quality: Callable[[int], float],
-        neighbours: Callable[[np.ndarray, float], tuple[np.ndarray, np.ndarray]],
+        within_many,
         all_faces: Iterable[int],
         previous: dict[int, int | None],
         next_id: int,
         touched_faces: Iterable[int] | None = None,
-        moved_vectors: Iterable[np.ndarray] = (),
+        removed_faces: Iterable[int] = (),
     ) -> ClusterResult:
         """Recompute people for the given DBSCAN ``clusters`` (label -> face ids).
 
-        Full run: pass every cluster and ``touched_faces=None``. Incremental run: pass only the
-        clusters an update touched, ``touched_faces`` = faces whose DBSCAN label changed or that
-        were inserted, and ``moved_vectors`` = encodings of deleted faces; doubt is then
-        recomputed only within ``2 * eps`` of anything that changed.
+        Full run: every cluster, ``touched_faces=None``. Incremental run: the clusters an update
+        touched, ``touched_faces`` = faces inserted or whose DBSCAN label changed, and
+        ``removed_faces`` = faces deleted since the last run.
         """
-        eps, margin = self.cfg.eps, self.cfg.doubt_margin
+        eps = self.cfg.eps
         full = touched_faces is None
         all_faces = set(all_faces)
-        for gone in [f for f in self.cid if f not in all_faces]:
-            self.cid.pop(gone, None)
-            self.assign.pop(gone, None)
+        removed = set(removed_faces) | {f for f in self.cid if f not in all_faces}
+        old_cid = {f: self.cid.get(f) for f in removed}
+        for f in removed:
+            self._set_cid(f, None)
+            self._set_near(f, _NONE, _NONE)
+            for d in (self.cid, self.assign, self.own, self.other, self._reason):
+                d.pop(f, None)
         groups: list[list[int]] = []
         reasons: dict[int, str] = {}
         in_scope: set[int] = set()
@@ -223,62 +320,64 @@ class People:
             g, r = split_cluster(ids, enc, ph, eps, self.cfg, self.refine)
             groups += g
             reasons.update(r)
-        scope_faces = set(touched_faces or ()) | in_scope if not full else all_faces
-        old_ids_in_scope = {previous.get(f) for f in scope_faces} - {None}
+        scope = set(all_faces) if full else (set(touched_faces or ()) | in_scope) & all_faces
+        old_ids = {previous.get(f) for f in scope} | set(old_cid.values())
+        old_ids.discard(None)
         # ids still used by faces outside this update must not be handed to a group inside it
-        reserved = set() if full else {c for f, c in self.cid.items() if c is not None and f not in scope_faces}
+        reserved = set() if full else {c for c, fs in self.members.items() if fs - scope}
         new_ids, next_id = match_ids(groups, previous, next_id, reserved)
-        result = ClusterResult(next_id=next_id)
-        before = {f: self.cid.get(f) for f in scope_faces}
-        for f in scope_faces:
-            self.cid[f] = None
+        before = {f: self.cid.get(f, -1) for f in scope}
+        new_cid: dict[int, int | None] = {f: None for f in scope}
         for gid, members in zip(new_ids, groups):
             for f in members:
-                self.cid[f] = gid
-        changed = [f for f in scope_faces if before.get(f, -1) != self.cid.get(f)] if not full else list(all_faces)
+                new_cid[f] = gid
+        for f in scope:
+            self._set_cid(f, new_cid[f])
+            if new_cid[f] is None:
+                self._reason[f] = reasons.get(f, REASON_NOISE)
+            else:
+                self._reason.pop(f, None)
+        changed = sorted(f for f in scope if before[f] != self.cid[f]) if not full else sorted(all_faces)
+        changed_set = set(changed)
 
-        # doubt: recompute for faces near anything that changed
-        if full:
-            recheck = set(all_faces)
-        else:
-            recheck = set(scope_faces)
-            probes = [vec(f) for f in changed] + list(moved_vectors)
-            for v in probes:
-                near, _ = neighbours(v, 2 * eps)
-                recheck.update(int(x) for x in near)
-        recheck &= all_faces
-        for f in recheck:
-            self.assign[f] = self._doubt(f, vec(f), neighbours, reasons.get(f))
+        # nearest own/other faces: recompute the changed faces and the faces whose recorded
+        # nearest faces changed or left; patch the other neighbours of changed faces
+        redo: set[int] = set()
+        patched: set[int] = set()
+        if not full:
+            for x in removed | changed_set:
+                redo |= self._refs.pop(x, set())
+            redo = (redo - changed_set) & all_faces
+        near_changed = self._recompute(changed, vec, within_many)
+        if not full:
+            for f, (near, dist) in zip(changed, near_changed):
+                cf = self.cid[f]
+                if cf is None:
+                    continue
+                for g, d in zip(near.tolist(), dist.tolist()):
+                    if g == f or g in changed_set or g in redo or g not in all_faces:
+                        continue
+                    if self.cid.get(g) == cf:
+                        self._set_near(g, min(self.own.get(g, _NONE), (d, f)), self.other.get(g, _NONE))
+                    else:
+                        self._set_near(g, self.own.get(g, _NONE), min(self.other.get(g, _NONE), (d, f)))
+                    patched.add(g)
+            self._recompute(sorted(redo), vec, within_many)
+        touched = changed_set | redo | patched
+        result = ClusterResult(next_id=next_id)
+        for f in touched & all_faces:
+            a = self._decide(f)
+            if full or self.assign.get(f) != a:
+                result.assignments[f] = a
+            self.assign[f] = a
 
-        # clusters: size and representative for every id whose membership may have changed
-        live = Counter(c for c in self.cid.values() if c is not None)
-        affected_ids = {self.cid[f] for f in recheck if self.cid.get(f) is not None} | set(new_ids)
-        for c in sorted(affected_ids):
-            members = [f for f, cc in self.cid.items() if cc == c]
-            confident = [f for f in members if not self.assign[f].doubtful] or members
-            result.clusters[c] = (live[c], representative(confident, vec, quality))
-        result.removed = old_ids_in_scope - set(live)
-        result.assignments = {f: self.assign[f] for f in recheck}
-        return result
-
-    def _doubt(self, f: int, v: np.ndarray, neighbours, reason: str | None) -> FaceAssignment:
-        eps, margin = self.cfg.eps, self.cfg.doubt_margin
-        near, dist = neighbours(v, 2 * eps)
-        own_c = self.cid.get(f)
-        best: dict[int, float] = {}
-        for g, d in zip(near.tolist(), dist.tolist()):
-            c = self.cid.get(g)
-            if g == f or c is None:
+        # clusters: size and representative for every id whose membership or doubt changed
+        affected = {self.cid[f] for f in touched & all_faces if self.cid.get(f) is not None} | set(new_ids)
+        for c in sorted(affected):
+            members = self.members.get(c, set())
+            if not members:
                 continue
-            if d < best.get(c, np.inf):
-                best[c] = d
-        if own_c is None:
-            hint = min(best, key=lambda c: (best[c], c)) if best else None
-            return FaceAssignment(None, True, reason or REASON_NOISE, hint)
-        own = best.pop(own_c, np.inf)
-        others = {c: d for c, d in best.items() if d <= eps}
-        if others:
-            other_c = min(others, key=lambda c: (others[c], c))
-            if others[other_c] - own < margin:
-                return FaceAssignment(own_c, True, f"almost as close to cluster {other_c} as to its own", other_c)
-        return FaceAssignment(own_c, False, None, own_c)
+            confident = [f for f in members if not self.assign[f].doubtful] or sorted(members)
+            result.clusters[c] = (len(members), representative(confident, vec, quality))
+        result.removed = {c for c in old_ids if c not in self.members}
+        return result

@@ -107,6 +107,21 @@ class IncrementalDBSCAN:
         rows, d = self._within_rows(np.asarray(vec, dtype=np.float64), radius)
         return self._key[rows], d
 
+    def within_many(self, vectors: np.ndarray, radius: float) -> list[tuple[np.ndarray, np.ndarray]]:
+        """:meth:`within` for several vectors at once (one matrix product per 256 vectors)."""
+        vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float64))
+        out = []
+        for start in range(0, len(vectors), 256):
+            v64 = vectors[start : start + 256]
+            v32 = v64.astype(np.float32)
+            d2 = self._sq[None, :] + (v32 * v32).sum(1)[:, None] - 2.0 * (v32 @ self._x32.T)
+            for row, vec in zip(d2, v64):
+                cand = np.flatnonzero(row <= (radius + _SLACK) ** 2)
+                d = np.sqrt(((self._x64[cand] - vec) ** 2).sum(axis=1))
+                keep = d <= radius
+                out.append((self._key[cand[keep]], d[keep]))
+        return out
+
     def nearest(self, vectors: np.ndarray, k: int, exclude: set[int] | None = None):
         """Exact k nearest stored points for each vector: (distances, keys), both (n, k')."""
         vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float64))

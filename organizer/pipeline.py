@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cluster import REASON_UNUSABLE, FaceAssignment, Neighbours, People, batch_labels
+from .cluster import REASON_UNUSABLE, Neighbours, People, batch_labels
 from .incremental_dbscan import IncrementalDBSCAN, load_state, save_state
 
 try:  # TEMPORARY until refine.py lands
@@ -245,12 +245,12 @@ class Organizer:
             vec=lambda f: enc[row[f]],
             photo=lambda f: shas[row[f]],
             quality=lambda f: _quality(sharp[row[f]], size[row[f]]),
-            neighbours=index.within,
+            within_many=index.within_many,
             all_faces=ids.tolist(),
             previous=self.store.cluster_assignments(),
             next_id=self.store.next_cluster_id(),
         )
-        self._save(result, full=True, unusable_hint=index.within, cid=people.cid)
+        self._save(result, full=True, unusable_hint=lambda v, r: index.within_many(v[None, :], r)[0], cid=people.cid)
         self._engine = None  # the incremental state is rebuilt from the store on next use
         self._people = None
 
@@ -267,7 +267,6 @@ class Organizer:
         deleted = sorted(known - current)
         if not added and not deleted and not self.store.unassigned_faces():
             return
-        moved = [engine.vector(f) for f in deleted]
         touched_faces: set[int] = set()
         touched_labels: set[int] = set()
         if deleted:
@@ -290,14 +289,14 @@ class Organizer:
             vec=engine.vector,
             photo=lambda f: self._meta[f][0],
             quality=lambda f: self._meta[f][1],
-            neighbours=self._engine_within,
+            within_many=engine.within_many,
             all_faces=current,
             previous=dict(people.cid),
             next_id=self.store.next_cluster_id(),
             touched_faces=touched_faces,
-            moved_vectors=moved,
+            removed_faces=deleted,
         )
-        self._save(result, full=False, unusable_hint=self._engine_within, cid=people.cid)
+        self._save(result, full=False, unusable_hint=engine.within, cid=people.cid)
 
     def _fingerprint(self) -> str:
         """Settings that shape the clustering: a saved clustering made with others is redone."""
@@ -313,23 +312,20 @@ class Organizer:
         self._meta = {int(f): (shas[i], _quality(sharp[i], size[i])) for i, f in enumerate(ids)}
         self._people = People(c, refine_cluster)
         if self.store.clustering_clean(self._fingerprint()):
-            saved = self.store.saved_assignments()
-            for f in self._meta:
-                cid, doubtful, reason, near = saved[f]
-                self._people.cid[f] = cid
-                self._people.assign[f] = FaceAssignment(cid, doubtful, reason, near)
+            self._people.load(self.store.saved_assignments(), self._meta, self._engine.vector,
+                              self._engine.within_many)
             return
         result = self._people.derive(
             self._engine.clusters(),
             vec=self._engine.vector,
             photo=lambda f: self._meta[f][0],
             quality=lambda f: self._meta[f][1],
-            neighbours=self._engine_within,
+            within_many=self._engine.within_many,
             all_faces=ids.tolist(),
             previous=self.store.cluster_assignments(),
             next_id=self.store.next_cluster_id(),
         )
-        self._save(result, full=True, unusable_hint=self._engine_within, cid=self._people.cid)
+        self._save(result, full=True, unusable_hint=self._engine.within, cid=self._people.cid)
 
     @property
     def engine_state_path(self) -> Path:
@@ -367,9 +363,6 @@ class Organizer:
                 save_state(self._engine, self.engine_state_path)
             except OSError as exc:
                 log.warning("could not save the clustering state: %s", exc)
-
-    def _engine_within(self, vec: np.ndarray, radius: float):
-        return self._engine.within(vec, radius)
 
     def _save(self, result, full: bool, unusable_hint, cid) -> None:
         """Store a clustering result, plus doubt for faces too small or blurred to cluster."""

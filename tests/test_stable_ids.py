@@ -28,9 +28,10 @@ def test_match_ids_rules():
 class World:
     """Points on a line in 128-d (first coordinate), driven through engine + People."""
 
-    def __init__(self):
-        self.engine = IncrementalDBSCAN(CFG.eps, CFG.min_samples, dim=128)
-        self.people = People(CFG)
+    def __init__(self, cfg=CFG):
+        self.cfg = cfg
+        self.engine = IncrementalDBSCAN(cfg.eps, cfg.min_samples, dim=128)
+        self.people = People(cfg)
         self.vec: dict[int, np.ndarray] = {}
         self.next_id = 1
         self.store: dict[int, int | None] = {}
@@ -40,13 +41,13 @@ class World:
         v[0] = x
         return v
 
-    def _derive(self, upd, moved=()):
+    def _derive(self, upd, removed=()):
         live = self.engine.clusters()
         res = self.people.derive(
             {lab: live[lab] for lab in upd.touched_labels if lab in live},
             vec=self.engine.vector, photo=lambda f: f, quality=lambda f: 0.0,
-            neighbours=self.engine.within, all_faces=set(self.vec), previous=dict(self.people.cid),
-            next_id=self.next_id, touched_faces=upd.changed_keys & set(self.vec), moved_vectors=moved,
+            within_many=self.engine.within_many, all_faces=set(self.vec), previous=dict(self.people.cid),
+            next_id=self.next_id, touched_faces=upd.changed_keys & set(self.vec), removed_faces=removed,
         )
         self.next_id = res.next_id
         for f, a in res.assignments.items():
@@ -61,16 +62,30 @@ class World:
         return self._derive(self.engine.insert([key], self.vec[key][None, :]))
 
     def remove(self, key: int):
-        moved = [self.vec.pop(key)]
-        return self._derive(self.engine.delete([key]), moved)
+        self.vec.pop(key)
+        return self._derive(self.engine.delete([key]), [key])
 
     def ids(self, keys):
         return {self.people.cid.get(k) for k in keys}
 
+    def full_assignments(self):
+        """What a from-scratch derivation (as `organizer recluster` does) says of every face."""
+        keys = sorted(self.vec)
+        enc = np.stack([self.vec[k] for k in keys])
+        labels = batch_labels(enc, self.cfg.eps, self.cfg.min_samples)
+        people = People(self.cfg)
+        res = people.derive(
+            {int(l): [k for k, ll in zip(keys, labels) if ll == l] for l in set(labels.tolist()) if l >= 0},
+            vec=lambda f: self.vec[f], photo=lambda f: f, quality=lambda f: 0.0,
+            within_many=Neighbours(np.array(keys), enc).within_many, all_faces=keys,
+            previous=dict(self.people.cid), next_id=self.next_id,
+        )
+        return {f: (a.cluster_id, a.doubtful, a.nearest_cluster) for f, a in res.assignments.items()}
+
     def batch_partition(self):
         keys = sorted(self.vec)
         enc = np.stack([self.vec[k] for k in keys])
-        labels = batch_labels(enc, CFG.eps, CFG.min_samples)
+        labels = batch_labels(enc, self.cfg.eps, self.cfg.min_samples)
         groups = {}
         for k, lab in zip(keys, labels):
             if lab >= 0:
@@ -115,14 +130,35 @@ def test_adds_merge_split_keep_ids():
 
 def test_incremental_equals_batch_on_random_sequence():
     rng = np.random.default_rng(7)
-    w = World()
+    w = World(ClusteringConfig(eps=0.5, min_samples=4, doubt_margin=0.2))
     alive = []
-    for step in range(120):
+    for step in range(150):
         if alive and rng.random() < 0.3:
             k = alive.pop(int(rng.integers(len(alive))))
             w.remove(k)
         else:
             k = step + 100
-            w.add(k, float(rng.integers(0, 40)) * 0.25 + rng.random() * 0.1)
+            w.add(k, float(rng.choice([0.0, 1.1, 3.0])) + rng.normal(0, 0.2))
             alive.append(k)
         assert w.partition() == w.batch_partition(), step
+        ours = {f: (a.cluster_id, a.doubtful, a.nearest_cluster) for f, a in w.people.assign.items()}
+        assert ours == w.full_assignments(), step
+
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_face_between_two_people_is_doubtful_in_any_order(seed):
+    """A face 0.42 from person A and 0.48 from person B (margin 0.2) is doubtful, whatever the
+    order faces arrive or leave in; the incremental result always equals a from-scratch one."""
+    w = World(ClusteringConfig(eps=0.5, min_samples=5, doubt_margin=0.2))
+    points = {1: 0.0, 2: 0.1, 3: 0.15, 4: 0.2, 10: 0.3, 5: 1.2, 6: 1.3, 7: 1.35, 8: 1.4, 11: 1.5, 9: 0.72}
+    order = list(points)
+    np.random.default_rng(seed).shuffle(order)
+    for k in order:
+        w.add(k, points[k])
+        assert {f: (a.cluster_id, a.doubtful, a.nearest_cluster) for f, a in w.people.assign.items()} == w.full_assignments()
+    a, b, mid = w.people.assign[1].cluster_id, w.people.assign[5].cluster_id, w.people.assign[9]
+    assert a != b and mid.cluster_id == a and mid.doubtful and mid.nearest_cluster == b
+    w.remove(5)  # B loses a core and dissolves: nothing else is near the face any more
+    assert {f: (x.cluster_id, x.doubtful, x.nearest_cluster) for f, x in w.people.assign.items()} == w.full_assignments()
+    assert not w.people.assign[9].doubtful
