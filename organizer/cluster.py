@@ -247,25 +247,36 @@ class People:
             if new >= 0:
                 self._refs.setdefault(new, set()).add(f)
 
-    def _recompute(self, faces: list[int], vec, within_many) -> list:
-        """Nearest own/other face of each face from scratch; returns the radius query results."""
-        if not faces:
-            return []
-        radius = 2 * self.cfg.eps
-        found = within_many(np.stack([vec(f) for f in faces]), radius)
+    def _recompute(self, faces: list[int], vec, within_many, keep: bool = False) -> list:
+        """Nearest own/other face of each face from scratch, in chunks (bounded memory);
+        returns the radius query results when ``keep``."""
+        kept = []
+        for start in range(0, len(faces), 512):
+            chunk = faces[start : start + 512]
+            found = within_many(np.stack([vec(f) for f in chunk]), 2 * self.cfg.eps)
+            self._nearest_from(chunk, found)
+            if keep:
+                kept += found
+        return kept
+
+    def _nearest_from(self, faces: list[int], found: list) -> None:
+        cid_of = self.cid.get
         for f, (near, dist) in zip(faces, found):
-            own, other = _NONE, _NONE
             mine = self.cid.get(f)
-            for g, d in zip(near.tolist(), dist.tolist()):
-                c = self.cid.get(g)
-                if g == f or c is None:
-                    continue
-                if c == mine:
-                    own = min(own, (d, g))
-                else:
-                    other = min(other, (d, g))
+            cids = np.fromiter((-1 if (c := cid_of(g)) is None else c for g in near.tolist()), np.int64, len(near))
+            ok = (cids >= 0) & (near != f)
+            own = other = _NONE
+            if mine is not None:
+                sel = np.flatnonzero(ok & (cids == mine))
+                if len(sel):
+                    j = sel[np.lexsort((near[sel], dist[sel]))[0]]
+                    own = (float(dist[j]), int(near[j]))
+                ok &= cids != mine
+            sel = np.flatnonzero(ok)
+            if len(sel):
+                j = sel[np.lexsort((near[sel], dist[sel]))[0]]
+                other = (float(dist[j]), int(near[j]))
             self._set_near(f, own, other)
-        return found
 
     def _decide(self, f: int) -> FaceAssignment:
         eps, margin = self.cfg.eps, self.cfg.doubt_margin
@@ -348,7 +359,7 @@ class People:
             for x in removed | changed_set:
                 redo |= self._refs.pop(x, set())
             redo = (redo - changed_set) & all_faces
-        near_changed = self._recompute(changed, vec, within_many)
+        near_changed = self._recompute(changed, vec, within_many, keep=not full)
         if not full:
             for f, (near, dist) in zip(changed, near_changed):
                 cf = self.cid[f]

@@ -1,0 +1,222 @@
+"""Incremental DBSCAN vs re-running scikit-learn's DBSCAN, on synthetic face-like encodings.
+
+    uv run python benchmarks/bench_incremental.py [--sizes 1000,10000,100000] [--photos 200]
+
+For each N it prints: the batch scikit-learn time on all N faces (the reference, measured in the
+same run), our per-photo update time (1-3 faces inserted into an engine already holding N faces;
+median and p95; engine alone and engine + people derivation, as the service does it, without face
+encoding), their ratio, incdbscan's insert time where it is installed and N <= 10k, the start-up
+time (saved state loaded / full build from the store's encodings), and peak RSS. Each measurement
+runs in a fresh subprocess so RSS figures are not mixed up. The last line is ``ratio_100k=...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+EPS, MIN_SAMPLES, DIM = 0.5, 3, 128
+
+
+def faces(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """n face-like encodings: Zipf-sized identities (same person ~0.4 apart, different people
+    ~0.9 apart) plus 15% one-off strangers. Returns (encodings, person ids, centers)."""
+    rng = np.random.default_rng(seed)
+    n_people = max(5, n // 12)
+    centers = rng.normal(size=(n_people, DIM))
+    centers *= 0.64 / np.linalg.norm(centers, axis=1, keepdims=True)
+    weights = 1.0 / np.arange(1, n_people + 1) ** 1.1
+    n_known = int(n * 0.85)
+    who = rng.choice(n_people, n_known, p=weights / weights.sum())
+    sigma = 0.4 / np.sqrt(2 * DIM)
+    known = centers[who] + rng.normal(scale=sigma, size=(n_known, DIM))
+    strangers = rng.normal(size=(n - n_known, DIM))
+    strangers *= 0.64 / np.linalg.norm(strangers, axis=1, keepdims=True)
+    X = np.vstack([known, strangers])
+    ids = np.concatenate([who, -1 - np.arange(n - n_known)])
+    order = rng.permutation(n)
+    return X[order], ids[order], centers
+
+
+def photos(centers: np.ndarray, count: int, seed: int = 1) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    sigma = 0.4 / np.sqrt(2 * DIM)
+    weights = 1.0 / np.arange(1, len(centers) + 1) ** 1.1
+    out = []
+    for _ in range(count):
+        k = int(rng.integers(1, 4))
+        who = rng.choice(len(centers), k, p=weights / weights.sum())
+        v = centers[who] + rng.normal(scale=sigma, size=(k, DIM))
+        if rng.random() < 0.15:
+            v[0] = rng.normal(size=DIM) * 0.64 / np.sqrt(DIM)  # a stranger in the background
+        out.append(v)
+    return out
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker_sklearn(n: int) -> dict:
+    from sklearn.cluster import DBSCAN
+
+    X, _, _ = faces(n)
+    t = time.perf_counter()
+    DBSCAN(eps=EPS, min_samples=MIN_SAMPLES).fit(X)
+    return {"batch_s": time.perf_counter() - t, "rss_mb": peak_rss_mb()}
+
+
+def worker_engine(n: int, n_photos: int) -> dict:
+    from organizer.cluster import People
+    from organizer.config import ClusteringConfig
+    from organizer.incremental_dbscan import IncrementalDBSCAN, load_state, save_state
+
+    X, _, centers = faces(n)
+    keys = list(range(n))
+    t = time.perf_counter()
+    eng = IncrementalDBSCAN.build(EPS, MIN_SAMPLES, keys, X)
+    build_s = time.perf_counter() - t
+    with tempfile.TemporaryDirectory() as tmp:
+        state = Path(tmp) / "state.npz"
+        save_state(eng, state)
+        t = time.perf_counter()
+        eng = load_state(state, EPS, MIN_SAMPLES)
+        load_s = time.perf_counter() - t
+    exact = None
+    if n <= 10_000:
+        from sklearn.cluster import DBSCAN
+
+        db = DBSCAN(eps=EPS, min_samples=MIN_SAMPLES).fit(X)
+        core = set(db.core_sample_indices_.tolist())
+        ours = {k for k in keys if eng.is_core(k)}
+        part_a = {}
+        part_b = {}
+        for k, lab in enumerate(db.labels_):
+            if k in core:
+                part_a.setdefault(lab, set()).add(k)
+                part_b.setdefault(eng.label(k), set()).add(k)
+        noise_ok = {k for k, lab in enumerate(db.labels_) if lab < 0} == {k for k in keys if eng.label(k) < 0}
+        exact = core == ours and noise_ok and (
+            {frozenset(v) for v in part_a.values()} == {frozenset(v) for v in part_b.values()})
+
+    cfg = ClusteringConfig(eps=EPS, min_samples=MIN_SAMPLES, doubt_margin=0.05)
+    people = People(cfg)
+    t = time.perf_counter()
+    res = people.derive(eng.clusters(), vec=eng.vector, photo=lambda f: f, quality=lambda f: 0.0,
+                        within_many=eng.within_many, all_faces=keys, previous={}, next_id=1)
+    derive_s = time.perf_counter() - t
+    next_id = res.next_id
+    engine_ms, update_ms = [], []
+    key = n
+    for i, v in enumerate(photos(centers, n_photos)):
+        new = list(range(key, key + len(v)))
+        key += len(v)
+        t0 = time.perf_counter()
+        upd = eng.insert(new, v)
+        t1 = time.perf_counter()
+        live = {lab: eng.members(lab) for lab in upd.touched_labels}
+        res = people.derive(live, vec=eng.vector, photo=lambda f, i=i: f, quality=lambda f: 0.0,
+                            within_many=eng.within_many, all_faces=eng._row.keys(), previous=dict(people.cid),
+                            next_id=next_id, touched_faces=upd.changed_keys)
+        t2 = time.perf_counter()
+        next_id = res.next_id
+        engine_ms.append((t1 - t0) * 1000)
+        update_ms.append((t2 - t0) * 1000)
+    return {
+        "build_s": build_s, "load_s": load_s, "derive_s": derive_s, "exact": exact,
+        "engine_median_ms": float(np.median(engine_ms)), "engine_p95_ms": float(np.percentile(engine_ms, 95)),
+        "update_median_ms": float(np.median(update_ms)), "update_p95_ms": float(np.percentile(update_ms, 95)),
+        "rss_mb": peak_rss_mb(),
+    }
+
+
+def worker_incdbscan(n: int, n_photos: int) -> dict:
+    try:
+        from incdbscan import IncrementalDBSCAN as Inc
+    except ImportError:
+        return {"installed": False}
+    X, _, centers = faces(n)
+    inc = Inc(eps=EPS, min_pts=MIN_SAMPLES)
+    t = time.perf_counter()
+    inc.insert(X)
+    build_s = time.perf_counter() - t
+    ms = []
+    for v in photos(centers, n_photos):
+        t = time.perf_counter()
+        inc.insert(v)
+        ms.append((time.perf_counter() - t) * 1000)
+    return {"installed": True, "build_s": build_s, "median_ms": float(np.median(ms))}
+
+
+def run_worker(kind: str, n: int, n_photos: int, timeout: float) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--n", str(n), "--photos", str(n_photos)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1000,10000,100000")
+    ap.add_argument("--photos", type=int, default=200)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        fn = {"sklearn": lambda: worker_sklearn(args.n),
+              "engine": lambda: worker_engine(args.n, args.photos),
+              "incdbscan": lambda: worker_incdbscan(args.n, args.photos)}[args.worker]
+        print(json.dumps(fn()))
+        return
+
+    ratio_100k = float("nan")
+    rows = []
+    for n in [int(s) for s in args.sizes.split(",")]:
+        print(f"\n== N = {n:,} faces (eps={EPS}, min_samples={MIN_SAMPLES}) ==", flush=True)
+        sk = run_worker("sklearn", n, args.photos, timeout=1800)
+        eng = run_worker("engine", n, args.photos, timeout=3600)
+        inc = run_worker("incdbscan", n, min(args.photos, 50), timeout=900) if n <= 10_000 else {"skipped": True}
+        if "error" in sk or "error" in eng:
+            print(f"  sklearn: {sk}\n  engine: {eng}")
+            continue
+        ratio = sk["batch_s"] * 1000 / eng["update_median_ms"]
+        print(f"  batch scikit-learn DBSCAN:      {sk['batch_s']:9.3f} s   (peak RSS {sk['rss_mb']:.0f} MB)")
+        print(f"  engine insert, per photo:       median {eng['engine_median_ms']:7.2f} ms   p95 {eng['engine_p95_ms']:7.2f} ms")
+        print(f"  engine + people, per photo:     median {eng['update_median_ms']:7.2f} ms   p95 {eng['update_p95_ms']:7.2f} ms")
+        print(f"  ratio batch / update median:    {ratio:9.0f}x")
+        if inc.get("installed"):
+            print(f"  incdbscan insert, per photo:    median {inc['median_ms']:7.2f} ms "
+                  f"(ours {inc['median_ms'] / eng['engine_median_ms']:.1f}x faster); build {inc['build_s']:.1f} s")
+        elif "skipped" in inc:
+            print("  incdbscan:                      not run above 10k")
+        else:
+            print(f"  incdbscan:                      {'not installed' if 'error' not in inc else inc['error']}")
+        print(f"  start-up: saved state loaded    {eng['load_s']:9.3f} s   (full build from encodings {eng['build_s']:.1f} s; "
+              f"people derived from scratch {eng['derive_s']:.1f} s)")
+        print(f"  engine peak RSS:                {eng['rss_mb']:9.0f} MB")
+        if eng["exact"] is not None:
+            print(f"  partition equals scikit-learn:  exact={eng['exact']}")
+        rows.append((n, sk["batch_s"], eng["update_median_ms"], eng["update_p95_ms"], ratio, eng["load_s"], eng["rss_mb"]))
+        if n == 100_000:
+            ratio_100k = ratio
+    print("\n| N | batch sklearn (s) | update median (ms) | p95 (ms) | ratio | start-up (s) | RSS (MB) |")
+    print("|---|---|---|---|---|---|---|")
+    for n, b, m, p, r, load, rss in rows:
+        print(f"| {n:,} | {b:.2f} | {m:.2f} | {p:.2f} | {r:.0f}x | {load:.2f} | {rss:.0f} |")
+    print(f"ratio_100k={ratio_100k:.0f}")
+
+
+if __name__ == "__main__":
+    main()
