@@ -19,10 +19,6 @@ import numpy as np
 from .cluster import REASON_UNUSABLE, Neighbours, People, batch_labels
 from .incremental_dbscan import IncrementalDBSCAN, load_state, save_state
 
-try:  # TEMPORARY until refine.py lands
-    from .refine import refine_cluster
-except ImportError:
-    refine_cluster = None
 from .config import Settings
 from .encode import EncoderPool
 from .ingest import IngestError, check_readable, discover, is_candidate, sha256_file
@@ -239,7 +235,7 @@ class Organizer:
         clusters = {int(lab): ids[labels == lab].tolist() for lab in np.unique(labels) if lab >= 0}
         index = Neighbours(ids, enc)
         row = {int(f): i for i, f in enumerate(ids)}
-        people = People(c, refine_cluster)
+        people = People(c)
         result = people.derive(
             clusters,
             vec=lambda f: enc[row[f]],
@@ -310,7 +306,7 @@ class Organizer:
         ids, shas, enc, sharp, size = self.store.usable_encodings(d.min_face_size, d.min_sharpness)
         self._engine = self._load_engine(ids, enc)
         self._meta = {int(f): (shas[i], _quality(sharp[i], size[i])) for i, f in enumerate(ids)}
-        self._people = People(c, refine_cluster)
+        self._people = People(c)
         if self.store.clustering_clean(self._fingerprint()):
             self._people.load(self.store.saved_assignments(), self._meta, self._engine.vector,
                               self._engine.within_many)
