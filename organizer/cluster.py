@@ -8,7 +8,7 @@ incrementally by :mod:`organizer.incremental` in the service, recomputed with sc
   chaining, eps-connected parts, a person seen once is not a person, cannot-link inside a photo);
 * doubt: a face is doubtful when it is noise, unusable (too small or blurred), or when a face of
   another person lies within eps and is less than ``doubt_margin`` farther than the nearest face
-  of its own person; its "nearest person" hint looks no farther than ``2 * eps``;
+  of its own person; its "nearest person" hint looks no farther than ``eps``;
 * stable ids: new groups inherit ids from the previous partition by overlap (:func:`match_ids`),
   so adding or removing a photo never renumbers an existing person.
 """
@@ -200,7 +200,7 @@ class People:
     """Derives people (stable ids, doubt) from a DBSCAN partition, fully or for what changed.
 
     For doubt it keeps, per face, its nearest face of the same person (``own``) and its nearest
-    face of another person (``other``, for noise: of any person) within ``2 * eps``; an update
+    face of another person (``other``, for noise: of any person) within ``eps``; an update
     refreshes them from the distances to the faces that changed, and recomputes a face only when
     its own person changed or one of its recorded nearest faces changed or left.
     """
@@ -253,7 +253,7 @@ class People:
         kept = []
         for start in range(0, len(faces), 512):
             chunk = faces[start : start + 512]
-            found = within_many(np.stack([vec(f) for f in chunk]), 2 * self.cfg.eps)
+            found = within_many(np.stack([vec(f) for f in chunk]), self.cfg.eps)
             self._nearest_from(chunk, found)
             if keep:
                 kept += found

@@ -370,7 +370,7 @@ class Organizer:
         pending = self.store.unassigned_faces()
         for i, f in enumerate(ids.tolist()):
             if full or f in pending:
-                near, dist = unusable_hint(enc[i], 2 * self.settings.clustering.eps)
+                near, dist = unusable_hint(enc[i], self.settings.clustering.eps)
                 best = sorted((dd, cid[g]) for g, dd in zip(near.tolist(), dist.tolist()) if cid.get(g) is not None)
                 assignments[f] = (None, True, REASON_UNUSABLE, best[0][1] if best else None)
         self.store.save_clustering(
