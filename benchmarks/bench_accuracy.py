@@ -94,23 +94,27 @@ def score(db: Path, set_dir: Path, clustering: dict, detection: dict) -> dict:
     }
 
 
-PLAIN = {"eps": 0.5, "min_samples": 2, "doubt_margin": 0.0}
+PLAIN = {"eps": 0.5, "min_samples": 2, "doubt_margin": 0.0, "linkage_threshold": 0.0}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sets", default="tune,dev")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--linkage", action="store_true", help="sweep the average-linkage refinement")
     args = ap.parse_args()
     defaults = load_config(None)
     detection = {"min_face_size": defaults.detection.min_face_size}
-    chosen = {k: getattr(defaults.clustering, k) for k in ("eps", "min_samples", "doubt_margin")}
+    chosen = defaults.clustering.model_dump()
     rows = []
     for name in args.sets.split(","):
         set_dir = SHARED / name
         db = scanned_store(set_dir, {"landmarks": defaults.detection.landmarks, "upsample": defaults.detection.upsample,
                                      "num_jitters": defaults.detection.num_jitters, "max_side": defaults.detection.max_side})
         grid = [("plain eps 0.5", PLAIN), ("defaults", chosen)]
+        if args.linkage:
+            grid += [(f"eps={e} ms={m} link={t}", {"eps": e, "min_samples": m, "doubt_margin": 0.0, "linkage_threshold": t})
+                     for e in (0.55, 0.6) for m in (3,) for t in (0.5, 0.52, 0.54, 0.56, 0.58)]
         if args.sweep:
             grid += [(f"eps={e} ms={m} margin={g}", {"eps": e, "min_samples": m, "doubt_margin": g})
                      for e in (0.38, 0.40, 0.42, 0.44, 0.46, 0.48, 0.50) for m in (2, 3, 4) for g in (0.0, 0.05)]
@@ -123,7 +127,7 @@ def main() -> None:
     print("\n| set | setting | pairwise P | pairwise R | pairwise F1 | BCubed P | BCubed R | BCubed F1 | coverage | one-off placed | same-photo pairs |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, label, s in rows:
-        if args.sweep and label not in ("plain eps 0.5", "defaults"):
+        if (args.sweep or args.linkage) and label not in ("plain eps 0.5", "defaults"):
             continue
         print(f"| {name} | {label} | {s['precision']:.3f} | {s['recall']:.3f} | {s['f1']:.3f} | "
               f"{s['bcubed_precision']:.3f} | {s['bcubed_recall']:.3f} | {s['bcubed_f1']:.3f} | "

@@ -25,6 +25,10 @@ from sklearn.cluster import DBSCAN
 
 RefineFn = Callable[[np.ndarray, np.ndarray, object], np.ndarray]
 
+# Average linkage needs all pairwise distances of a cluster (m^2 memory and time): clusters larger
+# than this are taken whole. Chaining between two people shows up long before a cluster is this big.
+REFINE_MAX_FACES = 3000
+
 REASON_NOISE = "no confident match with any person"
 REASON_SAME_PHOTO = "another face in the same photo matched this person better"
 REASON_UNUSABLE = "face too small or too blurred to recognise reliably"
@@ -71,6 +75,27 @@ def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T, 0))
 
 
+def average_linkage_split(enc: np.ndarray, photo: np.ndarray, cfg) -> np.ndarray:
+    """Refinement against chaining: split one DBSCAN cluster with average-linkage
+    agglomerative clustering cut at ``cfg.linkage_threshold``.
+
+    DBSCAN joins two people when a few in-between faces link them; average linkage merges two
+    groups only when their faces are close *on average*, so a thin chain does not hold them
+    together. Faces of one photo are kept apart (their distance is set above any threshold).
+    Deterministic, and a function of the cluster's members only.
+    """
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import squareform
+
+    d = _pairwise(enc, enc)
+    same_photo = photo[:, None] == photo[None, :]
+    np.fill_diagonal(same_photo, False)
+    d[same_photo] = 4.0  # cannot-link: more than any encoding distance
+    np.fill_diagonal(d, 0.0)
+    z = linkage(squareform(d, checks=False), method="average")
+    return fcluster(z, t=cfg.linkage_threshold, criterion="distance") - 1
+
+
 def split_cluster(
     ids: np.ndarray, enc: np.ndarray, photo: np.ndarray, eps: float, cfg, refine: RefineFn | None
 ) -> tuple[list[list[int]], dict[int, str]]:
@@ -81,7 +106,8 @@ def split_cluster(
     the cluster (a DBSCAN cluster is eps-connected already; only split parts are re-checked).
     """
     m = len(ids)
-    sub = np.asarray(refine(enc, photo, cfg), dtype=int) if refine and m > 2 else np.zeros(m, dtype=int)
+    refinable = refine is not None and 2 < m <= REFINE_MAX_FACES
+    sub = np.asarray(refine(enc, photo, cfg), dtype=int) if refinable else np.zeros(m, dtype=int)
     noise: dict[int, str] = {int(ids[i]): REASON_NOISE for i in np.flatnonzero(sub < 0)}
     groups: list[list[int]] = []
     whole = bool((sub == 0).all())

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cluster import REASON_UNUSABLE, Neighbours, People, batch_labels
+from .cluster import REASON_UNUSABLE, Neighbours, average_linkage_split, People, batch_labels
 from .incremental_dbscan import IncrementalDBSCAN, load_state, save_state
 
 from .config import Settings
@@ -235,7 +235,7 @@ class Organizer:
         clusters = {int(lab): ids[labels == lab].tolist() for lab in np.unique(labels) if lab >= 0}
         index = Neighbours(ids, enc)
         row = {int(f): i for i, f in enumerate(ids)}
-        people = People(c)
+        people = People(c, average_linkage_split if c.linkage_threshold > 0 else None)
         result = people.derive(
             clusters,
             vec=lambda f: enc[row[f]],
@@ -306,7 +306,7 @@ class Organizer:
         ids, shas, enc, sharp, size = self.store.usable_encodings(d.min_face_size, d.min_sharpness)
         self._engine = self._load_engine(ids, enc)
         self._meta = {int(f): (shas[i], _quality(sharp[i], size[i])) for i, f in enumerate(ids)}
-        self._people = People(c)
+        self._people = People(c, average_linkage_split if c.linkage_threshold > 0 else None)
         if self.store.clustering_clean(self._fingerprint()):
             self._people.load(self.store.saved_assignments(), self._meta, self._engine.vector,
                               self._engine.within_many)
