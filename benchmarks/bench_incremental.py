@@ -111,7 +111,7 @@ def worker_engine(n: int, n_photos: int) -> dict:
     people = People(cfg)
     t = time.perf_counter()
     res = people.derive(eng.clusters(), vec=eng.vector, photo=lambda f: f, quality=lambda f: 0.0,
-                        within_many=eng.within_many, all_faces=keys, previous={}, next_id=1)
+                        within_many=eng.within_many, vecs=eng.vectors, all_faces=keys, previous={}, next_id=1)
     derive_s = time.perf_counter() - t
     next_id = res.next_id
     engine_ms, update_ms = [], []
@@ -124,7 +124,8 @@ def worker_engine(n: int, n_photos: int) -> dict:
         t1 = time.perf_counter()
         live = {lab: eng.members(lab) for lab in upd.touched_labels}
         res = people.derive(live, vec=eng.vector, photo=lambda f, i=i: f, quality=lambda f: 0.0,
-                            within_many=eng.within_many, all_faces=eng._row.keys(), previous=dict(people.cid),
+                            within_many=eng.within_many, vecs=eng.vectors, all_faces=eng._row.keys(),
+                            previous=dict(people.cid),
                             next_id=next_id, touched_faces=upd.changed_keys)
         t2 = time.perf_counter()
         next_id = res.next_id

@@ -136,6 +136,8 @@ def split_cluster(
 def _one_face_per_photo(members: np.ndarray, enc: np.ndarray, photo: np.ndarray, ids, noise) -> list[int]:
     """Cannot-link: one person appears once per photo. Of several faces of one photo in a group,
     keep the one closest (mean distance) to the group's faces from other photos."""
+    if len(set(photo[members].tolist())) == len(members):
+        return members.tolist()
     by_photo: dict[object, list[int]] = {}
     for i in members.tolist():
         by_photo.setdefault(photo[i], []).append(i)
@@ -191,10 +193,10 @@ def match_ids(
     return [int(i) for i in ids], next_id
 
 
-def representative(members: Sequence[int], vec: Callable[[int], np.ndarray], quality: Callable[[int], float]) -> int:
+def representative(members: Sequence[int], vecs: Callable[[list[int]], np.ndarray], quality: Callable[[int], float]) -> int:
     """The most central, sharpest face: best quality among the most central half."""
     members = sorted(members)
-    sub = np.stack([vec(f) for f in members])
+    sub = vecs(members)
     d = np.linalg.norm(sub - sub.mean(axis=0), axis=1)
     central = np.argsort(d, kind="stable")[: max(1, (len(members) + 1) // 2)]
     return members[max(central, key=lambda i: (quality(members[i]), -i))]
@@ -256,6 +258,7 @@ class People:
         """Resume from a saved clustering (clean store): ids and doubt from the store, nearest
         faces recomputed (needed for later incremental updates)."""
         faces = sorted(faces)
+        self._vecs = lambda keys: np.stack([vec(f) for f in keys])
         for f in faces:
             cid, doubtful, reason, near = saved[f]
             self._set_cid(f, cid)
@@ -279,7 +282,7 @@ class People:
         kept = []
         for start in range(0, len(faces), 512):
             chunk = faces[start : start + 512]
-            found = within_many(np.stack([vec(f) for f in chunk]), self.cfg.eps)
+            found = within_many(self._vecs(chunk), self.cfg.eps)
             self._nearest_from(chunk, found)
             if keep:
                 kept += found
@@ -328,6 +331,7 @@ class People:
         next_id: int,
         touched_faces: Iterable[int] | None = None,
         removed_faces: Iterable[int] = (),
+        vecs: Callable[[list[int]], np.ndarray] | None = None,
     ) -> ClusterResult:
         """Recompute people for the given DBSCAN ``clusters`` (label -> face ids).
 
@@ -336,6 +340,7 @@ class People:
         ``removed_faces`` = faces deleted since the last run.
         """
         eps = self.cfg.eps
+        self._vecs = vecs or (lambda keys: np.stack([vec(f) for f in keys]))
         full = touched_faces is None
         all_faces = set(all_faces)
         removed = set(removed_faces) | {f for f in self.cid if f not in all_faces}
@@ -352,7 +357,7 @@ class People:
             members = sorted(clusters[label])
             in_scope.update(members)
             ids = np.array(members)
-            enc = np.stack([vec(f) for f in members])
+            enc = self._vecs(members)
             ph = np.array([photo(f) for f in members], dtype=object)
             g, r = split_cluster(ids, enc, ph, eps, self.cfg, self.refine)
             groups += g
@@ -361,7 +366,10 @@ class People:
         old_ids = {previous.get(f) for f in scope} | set(old_cid.values())
         old_ids.discard(None)
         # ids still used by faces outside this update must not be handed to a group inside it
-        reserved = set() if full else {c for c, fs in self.members.items() if fs - scope}
+        reserved: set[int] = set()
+        if not full:
+            inside = {self.cid.get(f) for f in scope} - {None}
+            reserved = set(self.members) - {c for c in inside if self.members[c] <= scope}
         new_ids, next_id = match_ids(groups, previous, next_id, reserved)
         before = {f: self.cid.get(f, -1) for f in scope}
         new_cid: dict[int, int | None] = {f: None for f in scope}
@@ -394,11 +402,14 @@ class People:
                 for g, d in zip(near.tolist(), dist.tolist()):
                     if g == f or g in changed_set or g in redo or g not in all_faces:
                         continue
+                    own, other = self.own.get(g, _NONE), self.other.get(g, _NONE)
                     if self.cid.get(g) == cf:
-                        self._set_near(g, min(self.own.get(g, _NONE), (d, f)), self.other.get(g, _NONE))
-                    else:
-                        self._set_near(g, self.own.get(g, _NONE), min(self.other.get(g, _NONE), (d, f)))
-                    patched.add(g)
+                        if (d, f) < own:
+                            self._set_near(g, (d, f), other)
+                            patched.add(g)
+                    elif (d, f) < other:
+                        self._set_near(g, own, (d, f))
+                        patched.add(g)
             self._recompute(sorted(redo), vec, within_many)
         touched = changed_set | redo | patched
         result = ClusterResult(next_id=next_id)
@@ -415,6 +426,6 @@ class People:
             if not members:
                 continue
             confident = [f for f in members if not self.assign[f].doubtful] or sorted(members)
-            result.clusters[c] = (len(members), representative(confident, vec, quality))
+            result.clusters[c] = (len(members), representative(confident, self._vecs, quality))
         result.removed = {c for c in old_ids if c not in self.members}
         return result

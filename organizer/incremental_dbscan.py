@@ -135,6 +135,11 @@ class IncrementalDBSCAN:
         idx = np.argsort(d, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(d, idx, 1), self._key[alive][idx]
 
+    def vectors(self, keys: Sequence[int]) -> np.ndarray:
+        """Encodings of ``keys`` as one (n, dim) array."""
+        row = self._row
+        return self._x64[[row[k] for k in keys]]
+
     def vector(self, key: int) -> np.ndarray:
         return self._x64[self._row[key]].copy()
 
