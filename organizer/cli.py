@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -46,6 +47,13 @@ def common_options(fn):
             return fn(settings=settings, **kwargs)
         except (StoreError, ConfigError, FileNotFoundError, NotADirectoryError) as exc:
             click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        except sqlite3.DatabaseError as exc:
+            click.echo(
+                f"error: cannot use the store {settings.db_path}: {exc}. Is the disk full, read-only or "
+                "failing? Nothing committed is lost; run the command again once it is fixed.",
+                err=True,
+            )
             sys.exit(1)
 
     return wrapper
