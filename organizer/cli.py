@@ -145,7 +145,11 @@ def recluster(settings: Settings):
     _require(settings, "output")
     with Store.open(settings.db_path) as store:
         org = Organizer(settings, store, workers=1)
-        org.refresh()
+        try:
+            org.recluster()
+            org.reconcile()
+        finally:
+            org.close()
         click.echo(f"{len(store.clusters())} people")
 
 

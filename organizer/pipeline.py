@@ -231,7 +231,10 @@ class Organizer:
         """
         c, d = self.settings.clustering, self.settings.detection
         ids, shas, enc, sharp, size = self.store.usable_encodings(d.min_face_size, d.min_sharpness)
+        t0 = time.monotonic()
         labels = batch_labels(enc, c.eps, c.min_samples)
+        log.info("batch DBSCAN (scikit-learn) over %d faces: %d clusters in %.1f s", len(ids),
+                 len(set(labels.tolist()) - {-1}), time.monotonic() - t0)
         clusters = {int(lab): ids[labels == lab].tolist() for lab in np.unique(labels) if lab >= 0}
         index = Neighbours(ids, enc)
         row = {int(f): i for i, f in enumerate(ids)}

@@ -33,7 +33,8 @@ def test_recluster_equals_engine_and_one_photo_changes_one_folder(tmp_path):
     engine_tree = snapshot(output)
     assert len([f for f in engine_tree if f.startswith("cluster_")]) >= 4
 
-    run_organizer("recluster", "--watch", str(watch), "--output", str(output))
+    proc = run_organizer("recluster", "--watch", str(watch), "--output", str(output))
+    assert "batch DBSCAN (scikit-learn) over" in proc.stderr  # the reference ran, not the engine
     assert snapshot(output) == engine_tree
 
     # add one more photo of a person who already has a folder
