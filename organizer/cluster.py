@@ -81,16 +81,17 @@ def average_linkage_split(enc: np.ndarray, photo: np.ndarray, cfg) -> np.ndarray
 
     DBSCAN joins two people when a few in-between faces link them; average linkage merges two
     groups only when their faces are close *on average*, so a thin chain does not hold them
-    together. Faces of one photo are kept apart (their distance is set above any threshold).
-    Deterministic, and a function of the cluster's members only.
+    together. Deterministic, and a function of the cluster's members only.
+
+    Faces of one photo are *not* pushed apart here: a large distance between two faces raises the
+    average between every pair of groups holding them, and split one person in two when a photo
+    showed them twice (a mirror, a photo on the wall). ``split_cluster`` keeps one face per photo
+    in each group afterwards instead.
     """
     from scipy.cluster.hierarchy import fcluster, linkage
     from scipy.spatial.distance import squareform
 
     d = _pairwise(enc, enc)
-    same_photo = photo[:, None] == photo[None, :]
-    np.fill_diagonal(same_photo, False)
-    d[same_photo] = 4.0  # cannot-link: more than any encoding distance
     np.fill_diagonal(d, 0.0)
     z = linkage(squareform(d, checks=False), method="average")
     return fcluster(z, t=cfg.linkage_threshold, criterion="distance") - 1

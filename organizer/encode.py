@@ -147,6 +147,13 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def _worker_init(parent: int) -> None:
+    # Ctrl-C in a terminal signals the whole process group: only the parent decides when to
+    # stop (it finishes the batch, then shuts the pool down). SIGTERM keeps its default: the
+    # executor terminates the workers of a broken pool with it (systemd's KillMode=mixed sends
+    # SIGTERM to the main process only).
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _exit_with_parent(parent)
     # One BLAS/OpenMP thread per worker: the pool already uses every core.
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):

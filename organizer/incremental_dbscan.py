@@ -454,8 +454,16 @@ def save_state(eng: IncrementalDBSCAN, path) -> None:
     rows = np.flatnonzero(eng._key >= 0)
     ncore = eng._ncore[rows]
     tmp = f"{path}.tmp.npz"
+    with open(tmp, "wb") as fh:
+        _write_state(fh, eng, rows, ncore)
+        fh.flush()
+        os.fsync(fh.fileno())  # a power cut after the rename must not leave a cut file behind
+    os.replace(tmp, path)
+
+
+def _write_state(fh, eng: IncrementalDBSCAN, rows: np.ndarray, ncore: np.ndarray) -> None:
     np.savez(
-        tmp,
+        fh,
         params=np.array([eng.eps, eng.min_samples, eng.dim], dtype=np.float64),
         keys=eng._key[rows],
         x=eng._x64[rows],
@@ -466,7 +474,6 @@ def save_state(eng: IncrementalDBSCAN, path) -> None:
         label=eng._label[rows],
         next_label=np.array([eng._next_label]),
     )
-    os.replace(tmp, path)
 
 
 def load_state(path, eps: float, min_samples: int, dim: int = 128) -> IncrementalDBSCAN | None:
@@ -489,7 +496,13 @@ def load_state(path, eps: float, min_samples: int, dim: int = 128) -> Incrementa
             eng._label[:n] = z["label"]
             eng._next_label = int(z["next_label"][0])
             ncore_key = z["ncore_key"]
-    except (OSError, KeyError, ValueError):
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # cut short, empty, not a zip, wrong shapes: rebuild from the store
+        import logging
+
+        logging.getLogger(__name__).warning("ignoring the saved clustering state %s (%s: %s); rebuilding it",
+                                            path, type(exc).__name__, exc)
         return None
     eng._row = {int(k): i for i, k in enumerate(keys.tolist())}
     eng._free = list(range(len(eng._key) - 1, n - 1, -1))

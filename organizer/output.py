@@ -15,6 +15,7 @@ file the organizer would later mistake for someone else's.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import re
@@ -185,8 +186,32 @@ def _write_crop(source: str, dst: Path, max_pixels: int) -> None:
     crop = im.crop((max(0, left - m), max(0, top - m), min(im.width, right + m), min(im.height, bottom + m)))
     crop.thumbnail((CROP_SIZE, CROP_SIZE), Image.Resampling.LANCZOS)
     tmp = dst.with_name(f".{dst.name}.tmp")
-    crop.save(tmp, "JPEG", quality=90)
-    os.replace(tmp, dst)
+    try:
+        crop.save(tmp, "JPEG", quality=90)
+        os.replace(tmp, dst)
+    except BaseException:
+        _discard(tmp)  # a full disk must not leave half a crop behind
+        raise
+
+
+def _discard(tmp: Path) -> None:
+    try:
+        tmp.unlink()
+    except OSError:
+        pass
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, msg: str, *args) -> None:
+    """A link fallback is warned about once per process, not once per photo: under the systemd
+    sandbox (photos and output on different mounts) every hard link falls back to a symlink."""
+    if key in _warned:
+        log.debug(msg, *args, "")
+        return
+    _warned.add(key)
+    log.warning(msg, *args, " (set service.link_mode to stop this warning; further ones are not logged)")
 
 
 def _place_link(source: str, dst: Path, link_mode: str) -> str:
@@ -198,7 +223,8 @@ def _place_link(source: str, dst: Path, link_mode: str) -> str:
         except OSError as exc:
             if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
                 raise
-            log.warning("cannot hard-link %s (%s); using a symlink instead", source, exc.strerror)
+            _warn_once(f"hardlink:{exc.errno}", "cannot hard-link %s (%s); using a symlink instead%s",
+                       source, exc.strerror)
             link_mode = "symlink"
     if link_mode == "symlink":
         try:
@@ -207,11 +233,26 @@ def _place_link(source: str, dst: Path, link_mode: str) -> str:
         except OSError as exc:
             if exc.errno not in (errno.EPERM, errno.ENOTSUP):
                 raise
-            log.warning("cannot symlink %s (%s); copying instead", source, exc.strerror)
+            _warn_once(f"symlink:{exc.errno}", "cannot symlink %s (%s); copying instead%s", source, exc.strerror)
     tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copy2(source, tmp)
-    os.replace(tmp, dst)
+    try:
+        shutil.copy2(source, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        _discard(tmp)
+        raise
     return "copy"
+
+
+OUTPUT_ERRORS = "output_errors"  # meta key: the last reconcile's errors (JSON list), for `status`
+
+
+def _remember_errors(store: Store, errors: list[str]) -> None:
+    """Keep the last reconcile's errors in the store (written only when they change)."""
+    before = store.get_meta(OUTPUT_ERRORS)
+    now = json.dumps(errors[:50])
+    if before != now and (errors or before not in (None, "[]")):
+        store.set_meta(OUTPUT_ERRORS, now)
 
 
 def reconcile(store: Store, output: Path, link_mode: str = "hardlink", max_pixels: int = 100_000_000) -> ReconcileReport:
@@ -224,6 +265,7 @@ def reconcile(store: Store, output: Path, link_mode: str = "hardlink", max_pixel
 
     # 1. forget and delete entries that are no longer wanted (or whose source changed)
     stale = [rp for rp, entry in manifest.items() if desired.get(rp) != entry]
+    log.debug("reconciling %s: %d entries wanted, %d known, %d stale", output, len(desired), len(manifest), len(stale))
     for relpath in stale:
         kind, source = manifest[relpath]
         dst = output / relpath
@@ -245,7 +287,7 @@ def reconcile(store: Store, output: Path, link_mode: str = "hardlink", max_pixel
     with store.db.atomic():
         for relpath, (kind, source) in sorted(desired.items()):
             dst = output / relpath
-            exists = dst.is_symlink() or dst.exists()
+            exists = os.path.lexists(dst)  # never raises (a folder we may not enter: "missing")
             if relpath in manifest:
                 if exists and _is_ours(dst, idents.get(relpath)):
                     continue
@@ -279,6 +321,9 @@ def reconcile(store: Store, output: Path, link_mode: str = "hardlink", max_pixel
             report.errors.append(f"cannot create {dst}: {msg}")
     for err in report.errors:
         log.error("output: %s", err)
+    _remember_errors(store, report.errors)
+    log.debug("reconciled %s: %d created, %d removed, %d errors", output, report.created, report.removed,
+              len(report.errors))
 
     # 3. remove folders left empty (only those that can hold our entries)
     for folder in sorted({Path(rp).parent for rp in manifest} | {Path(rp).parent for rp in stale}, key=lambda p: -len(p.parts)):

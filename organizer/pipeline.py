@@ -39,6 +39,15 @@ class ScanReport:
     failed: int = 0
     removed: int = 0
     unsettled: list[Path] = field(default_factory=list)
+    watch_missing: bool = False  # the watched folder was empty though the store knows photos
+
+
+def _has_entries(folder: Path) -> bool:
+    try:
+        with os.scandir(folder) as entries:
+            return next(entries, None) is not None
+    except OSError:
+        return False
 
 
 def _quality(sharpness: float, size: float) -> float:
@@ -87,9 +96,19 @@ class Organizer:
             raise FileNotFoundError(f"the watched folder {self.watch} does not exist")
         report = ScanReport()
         known = self.store.photo_states()
+        if known and not _has_entries(self.watch):
+            # an empty mount point: its disk is not mounted. Forgetting every photo would also
+            # lose every name given to a person; keep all until the folder has files again.
+            log.error("the watched folder %s is empty but the store knows %d photos in it: assuming its disk "
+                      "is not mounted, nothing is forgotten (if you really removed every photo, delete the "
+                      "store %s)", self.watch, len(known), self.store.path)
+            report.watch_missing = True
+            self.refresh()
+            return report
         found: list[Path] = []
+        unreadable: list[Path] = []
         now = time.time()
-        for path in discover(self.watch, self.excluded()):
+        for path in discover(self.watch, self.excluded(), unreadable):
             report.seen += 1
             if settle_seconds:
                 try:
@@ -101,14 +120,18 @@ class Organizer:
                     pass
             found.append(path)
         seen = {str(p) for p in found} | {str(p) for p in report.unsettled}
-        vanished = [p for p in known if p not in seen]
+        # photos in a folder that could not be listed are out of reach, not gone
+        hidden = tuple(str(u).rstrip(os.sep) + os.sep for u in unreadable)
+        vanished = [p for p in known if p not in seen and not p.startswith(hidden)]
         if vanished:
             self.store.remove_photos(vanished)
             report.removed = len(vanished)
             log.info("removed %d photos that are no longer in the watched folder", len(vanished))
         self.process(found, progress=progress, stop=stop, report=report)
         self._retry_failed = False
-        if not found:
+        if not stop():
+            # also when nothing changed: finishes an update a crash interrupted and puts back
+            # links someone deleted by hand (only the organizer's own entries)
             self.refresh()
         return report
 

@@ -5,6 +5,11 @@ rescan the whole folder (files added while stopped). Then loop: settled files ar
 batches, vanished ones forgotten, a full rescan runs every ``rescan_interval`` seconds (missed or
 overflowed events), and names set with `organizer name` are applied. Signal handlers only set a
 flag (as gunicorn does); the loop finishes the current batch, commits and exits 0.
+
+A watched folder that is missing or empty while the store knows photos is taken for an unmounted
+disk: rescans pause (nothing is forgotten) until it is back. A watcher that stopped (its folder
+was deleted or replaced) is restarted. When the store cannot be written (disk full, I/O error,
+damage) the service logs why and exits 1 without losing anything committed; systemd restarts it.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sqlite3
 import time
 from pathlib import Path
 
@@ -25,6 +31,14 @@ from .watch import Settler, Watcher
 log = logging.getLogger(__name__)
 
 TICK = 0.5  # seconds between checks of the event queue
+
+
+def _store_problem(path: Path, exc: sqlite3.DatabaseError) -> str:
+    if isinstance(exc, sqlite3.OperationalError):
+        return (f"cannot write the store {path}: {exc}. Is the disk full, read-only or failing? "
+                "Nothing committed is lost: the next start resumes from the store as it is.")
+    return (f"the store {path} is damaged ({exc}); it is left exactly as it is. Move it away to have "
+            "the organizer rebuild it from the photos (names given to people are lost), or restore a backup.")
 
 
 class _Notifier:
@@ -75,6 +89,7 @@ class Service:
         org = Organizer(s, store)
         watcher = Watcher(watch, polling=s.service.polling)
         settler = Settler(s.service.settle_seconds)
+        self._paused = False
         try:
             watcher.start()
             log.info("watching %s (%s), output in %s, store %s", watch,
@@ -88,7 +103,9 @@ class Service:
                 for path in watcher.drain():
                     self._enqueue(path, org, settler)
                 settled, gone = settler.ready()
-                if gone:
+                if gone and self._watch_available(org):
+                    # (not while the whole folder is gone, e.g. moved away or unmounted: the rescan
+                    # once it is back forgets what is really gone)
                     org.forget([Path(p) for p in gone])
                 files = []
                 for p in settled:
@@ -101,14 +118,25 @@ class Service:
                     org.process(files, stop=self._stopping)
                     self._status(store, settler)
                 interval = s.service.rescan_interval
-                if interval and time.monotonic() - last_rescan >= interval and not self.stop_requested:
-                    self._rescan(org, settler)
-                    last_rescan = time.monotonic()
-                if not watcher.alive:
-                    log.error("the file watcher stopped; restarting it (a rescan catches up)")
-                    watcher = Watcher(watch, polling=s.service.polling)
-                    watcher.start()
-                    self._rescan(org, settler)
+                due = interval and time.monotonic() - last_rescan >= interval
+                if watcher.overflowed():
+                    log.warning("the kernel dropped file events (inotify queue overflow): rescanning")
+                    due = True
+                if (due or self._paused or not watcher.alive) and not self.stop_requested:
+                    if not watcher.alive and self._watch_available(org):
+                        # watchdog stops silently when its folder is deleted or replaced (e.g.
+                        # remounted): watch the folder that is there now, and catch up
+                        log.error("the file watcher stopped; restarting it (a rescan catches up)")
+                        watcher.stop()
+                        try:
+                            watcher = Watcher(watch, polling=s.service.polling)
+                            watcher.start()
+                        except OSError as exc:
+                            log.error("cannot watch %s yet: %s", watch, exc.strerror or exc)
+                        due = True
+                    if due or self._paused:
+                        self._rescan(org, settler)
+                        last_rescan = time.monotonic()
                 dv = store.data_version()
                 if dv != data_version:  # another process changed the store (e.g. `organizer name`)
                     data_version = dv
@@ -116,6 +144,10 @@ class Service:
             self.notify("STOPPING=1")
             log.info("stopped cleanly")
             return 0
+        except sqlite3.DatabaseError as exc:  # OperationalError too: disk full, I/O error, read-only
+            log.error("%s", _store_problem(s.db_path, exc))
+            self.notify(f"STATUS=stopped: cannot use the store ({exc})")
+            return 1
         finally:
             watcher.stop()
             org.close()
@@ -138,9 +170,39 @@ class Service:
         if os.path.isdir(p) or is_candidate(p) or not os.path.lexists(p):
             settler.add(path)
 
+    def _watch_available(self, org: Organizer) -> bool:
+        """Is the watched folder there? Missing, unlistable, or empty while the store knows photos
+        means an unmounted disk or share (a rescan would forget every photo, and the names given
+        to people with them): rescans pause until it is back."""
+        try:
+            with os.scandir(org.watch) as entries:
+                if next(entries, None) is not None:
+                    available = True
+                else:
+                    available = org.store.status(0)["photos"] == 0
+        except OSError:
+            available = False
+        if available and self._paused:
+            log.info("the watched folder %s is back; catching up", org.watch)
+        elif not available and not self._paused:
+            log.error("the watched folder %s is missing or empty but the store knows photos in it: "
+                      "assuming its disk is not mounted. Nothing is forgotten; waiting for it to come back "
+                      "(if you really removed every photo, stop the service and delete the store)", org.watch)
+            self.notify("STATUS=waiting for the watched folder (missing or empty)")
+        self._paused = not available
+        return available
+
     def _rescan(self, org: Organizer, settler: Settler) -> None:
+        if not self._watch_available(org):
+            return
         self.notify("STATUS=scanning the watched folder")
-        report = org.scan(stop=self._stopping, settle_seconds=self.settings.service.settle_seconds)
+        try:
+            report = org.scan(stop=self._stopping, settle_seconds=self.settings.service.settle_seconds)
+        except FileNotFoundError:
+            if org.watch.is_dir():
+                raise
+            self._watch_available(org)  # it vanished a moment ago: pause
+            return
         for p in report.unsettled:
             settler.add(str(p))
         log.info("rescan: %d photos, %d new, %d encoded, %d failed, %d removed",

@@ -85,6 +85,14 @@ def m001_initial(db: sqlite_utils.Database) -> None:
     )
 
 
+@migrations()
+def m002_face_ids_never_reused(db: sqlite_utils.Database) -> None:
+    """Face ids come from a counter that only grows. SQLite reuses the largest rowid once its row
+    is deleted, and a new face under an old id looks unchanged to the clustering engine."""
+    (top,) = db.execute("select coalesce(max(id), 0) from faces").fetchone()
+    db["meta"].upsert({"key": "next_face_id", "value": str(top + 1)}, pk="key")
+
+
 @dataclass
 class Face:
     id: int
@@ -120,8 +128,15 @@ def _check_foreign(path: Path) -> None:
             f"{path} exists but is not a SQLite database; refusing to overwrite it. "
             "Point --db elsewhere or move the file away."
         )
+    damaged = (
+        f"the store {path} is damaged ({{}}); it is left exactly as it is. Move it away to have the "
+        "organizer rebuild it from the photos (names given to people are lost), or restore a backup."
+    )
+    # Without a -wal file nobody has the store open: read it as immutable, which creates no
+    # -wal/-shm files next to a file that may not be ours. With one, read it normally (WAL).
+    immutable = "" if os.path.exists(f"{path}-wal") else "&immutable=1"
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        conn = sqlite3.connect(f"file:{path}?mode=ro{immutable}", uri=True)
         try:
             tables = {r[0] for r in conn.execute("select name from sqlite_master where type='table'")}
             if not tables:
@@ -130,9 +145,23 @@ def _check_foreign(path: Path) -> None:
             if "meta" in tables:
                 row = conn.execute("select value from meta where key='app'").fetchone()
                 app = row[0] if row else None
+            if app == APP_ID:
+                # the header, schema and meta can read fine while pages further in are garbage;
+                # quick_check reads every page (about a second per GB) and catches that
+                problems = [r[0] for r in conn.execute("PRAGMA quick_check(5)")]
+                if problems != ["ok"]:
+                    raise StoreError(damaged.format("; ".join(problems)))
         finally:
             conn.close()
+    except sqlite3.OperationalError as exc:
+        # the disk, not the file: full, read-only, failing, or no room for the WAL index
+        raise StoreError(
+            f"cannot open the store {path}: {exc}. Is its disk full, read-only or failing? "
+            "The store itself is left as it is."
+        ) from None
     except sqlite3.DatabaseError as exc:
+        if app_hint(path) == APP_ID:
+            raise StoreError(damaged.format(exc)) from None
         raise StoreError(
             f"{path} is a damaged or unreadable SQLite file ({exc}); refusing to overwrite it. "
             "Move it away (the organizer rebuilds its store from the photos) or point --db elsewhere."
@@ -142,6 +171,19 @@ def _check_foreign(path: Path) -> None:
             f"{path} is a SQLite database that belongs to another program; refusing to touch it. "
             "Point --db elsewhere."
         )
+
+
+def app_hint(path: Path) -> str | None:
+    """The store's app name if it can still be read (a damaged store may still say whose it is)."""
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
+        try:
+            row = conn.execute("select value from meta where key='app'").fetchone()
+            return row[0] if row else None
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return None
 
 
 def _face_arrays(rows):
@@ -290,8 +332,12 @@ class Store:
                             "encoded_at": now,
                         }
                     )
+                    first = int(self.get_meta("next_face_id"))
+                    self.db["meta"].upsert(
+                        {"key": "next_face_id", "value": str(first + len(result.faces))}, pk="key")
                     self.db["faces"].insert_all(
                         {
+                            "id": first + i,
                             "sha256": sha,
                             "idx": i,
                             "top": f.top,

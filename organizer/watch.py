@@ -30,10 +30,28 @@ class _Enqueue(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type in ("opened", "closed_no_write"):
             return
+        if event.is_directory and event.event_type == "modified":
+            # watchdog adds one for the parent folder of every created/deleted file; queued, it
+            # made the service walk that whole folder (recursively) again for each new photo
+            return
         self.q.put(os.fsdecode(event.src_path))
         dest = getattr(event, "dest_path", "")
         if dest:
             self.q.put(os.fsdecode(dest))
+
+
+class _OverflowFlag(logging.Handler):
+    """watchdog only logs an inotify queue overflow (events were lost); notice it."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.hit = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" in record.getMessage().lower():
+            self.hit = True
+        # with a handler attached, Python no longer prints watchdog's warnings itself: pass them on
+        log.log(record.levelno, "watchdog: %s", record.getMessage())
 
 
 class Watcher:
@@ -43,13 +61,21 @@ class Watcher:
         self.queue: "queue.Queue[str]" = queue.Queue()
         self.observer = PollingObserver(timeout=poll_interval) if polling else Observer()
         self.observer.schedule(_Enqueue(self.queue), str(folder), recursive=True)
+        self._overflow = _OverflowFlag()
 
     def start(self) -> None:
+        logging.getLogger("watchdog").addHandler(self._overflow)
         self.observer.start()
 
     def stop(self) -> None:
+        logging.getLogger("watchdog").removeHandler(self._overflow)
         self.observer.stop()
         self.observer.join(timeout=10)
+
+    def overflowed(self) -> bool:
+        """True once after the kernel dropped events (the caller should rescan)."""
+        hit, self._overflow.hit = self._overflow.hit, False
+        return hit
 
     def drain(self) -> set[str]:
         paths = set()
@@ -61,7 +87,9 @@ class Watcher:
 
     @property
     def alive(self) -> bool:
-        return self.observer.is_alive()
+        """False when the observer or its emitter stopped: watchdog's emitter ends quietly when the
+        watched folder itself is deleted or replaced, and then no event ever arrives again."""
+        return self.observer.is_alive() and all(e.is_alive() for e in self.observer.emitters)
 
 
 @dataclass

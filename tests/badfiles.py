@@ -293,11 +293,30 @@ def status_json(output: Path, errors: int = 1000, db: Path | None = None, **kw) 
     return json.loads(run_organizer(*args, **kw).stdout)
 
 
-def folders_holding(output: Path, photo: Path) -> set[str]:
-    """Person folders (cluster_N or named, not doubtful/) with a link to ``photo``."""
-    from organizer.evaluate import tree_assignment, photo_key
+def tree_index(output: Path) -> dict[tuple[int, int], set[str]]:
+    """(device, inode) of each photo linked in a person folder (not doubtful/) -> those folders.
+    Hard links, symlinks and copies made by rename all resolve to the file they show."""
+    index: dict[tuple[int, int], set[str]] = {}
+    if not output.is_dir():
+        return index
+    for folder in output.iterdir():
+        if not folder.is_dir() or folder.name.startswith(".") or folder.name == "doubtful":
+            continue
+        for entry in folder.iterdir():
+            if entry.name == "representative.jpg":
+                continue
+            try:
+                st = entry.stat()  # follows a symlink to the original
+            except OSError:
+                continue
+            index.setdefault((st.st_dev, st.st_ino), set()).add(folder.name)
+    return index
 
-    return set(tree_assignment(output).get(photo_key(photo), set()))
+
+def folders_holding(output: Path, photo: Path, index: dict | None = None) -> set[str]:
+    """Person folders (cluster_N or named, not doubtful/) with a link to ``photo``."""
+    st = os.stat(photo)
+    return set((tree_index(output) if index is None else index).get((st.st_dev, st.st_ino), set()))
 
 
 CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 1, 2
