@@ -114,7 +114,7 @@ def main() -> None:
         grid = [("plain eps 0.5", PLAIN), ("defaults", chosen)]
         if args.linkage:
             grid += [(f"eps={e} ms={m} link={t}", {"eps": e, "min_samples": m, "doubt_margin": 0.0, "linkage_threshold": t})
-                     for e in (0.55, 0.6) for m in (3,) for t in (0.5, 0.52, 0.54, 0.56, 0.58)]
+                     for e in (0.55, 0.58, 0.6, 0.65) for m in (3,) for t in (0.52, 0.54, 0.55, 0.56, 0.57, 0.58)]
         if args.sweep:
             grid += [(f"eps={e} ms={m} margin={g}", {"eps": e, "min_samples": m, "doubt_margin": g})
                      for e in (0.38, 0.40, 0.42, 0.44, 0.46, 0.48, 0.50) for m in (2, 3, 4) for g in (0.0, 0.05)]

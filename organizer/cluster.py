@@ -32,6 +32,7 @@ REFINE_MAX_FACES = 3000
 REASON_NOISE = "no confident match with any person"
 REASON_SAME_PHOTO = "another face in the same photo matched this person better"
 REASON_UNUSABLE = "face too small or too blurred to recognise reliably"
+REASON_FEW = "fewer than {} confident photos of this person so far"
 
 
 @dataclass
@@ -121,12 +122,10 @@ def split_cluster(
             sq = _pairwise(enc[idx], enc[idx]) <= eps
             n_parts, part = connected_components(sq, directed=False)
             parts = [idx[part == p] for p in range(n_parts)]
+        smallest = max(2, getattr(cfg, "min_group", 2))
         for members in parts:
-            if len(members) < 2:
-                noise[int(ids[members[0]])] = REASON_NOISE
-                continue
-            keep = _one_face_per_photo(members, enc, photo, ids, noise)
-            if len(keep) < 2:
+            keep = _one_face_per_photo(members, enc, photo, ids, noise) if len(members) >= 2 else members.tolist()
+            if len(keep) < smallest:
                 for i in keep:
                     noise[int(ids[i])] = REASON_NOISE
                 continue
@@ -244,6 +243,13 @@ class People:
         self.other: dict[int, tuple[float, int]] = {}  # face -> (distance, face) of another person
         self._refs: dict[int, set[int]] = {}  # face -> faces that record it as own/other nearest
         self._reason: dict[int, str] = {}
+        # A person needs as many confident faces as a DBSCAN core needs neighbours: a group whose
+        # other faces are all doubtful is not yet a person (one stranger's photo in a folder of
+        # its own). ``raw`` is each face's decision before that rule; ``assign`` the final one.
+        self.min_confident = max(2, int(getattr(cfg, "min_samples", 2)))
+        self.raw: dict[int, FaceAssignment] = {}
+        self._confident: dict[int, int] = {}  # cluster id -> faces whose raw decision is confident
+        self._lonely: set[int] = set()  # cluster ids with fewer than min_confident confident faces
 
     def _set_cid(self, f: int, c: int | None) -> None:
         old = self.cid.get(f)
@@ -267,6 +273,29 @@ class People:
             if reason and cid is None:
                 self._reason[f] = reason
         self._recompute(faces, vec, within_many)
+        for f in faces:
+            self._set_raw(f, self._decide(f))
+        self._lonely = {c for c in self.members if self._confident.get(c, 0) < self.min_confident}
+
+    def _set_raw(self, f: int, a: FaceAssignment | None) -> None:
+        old = self.raw.get(f)
+        for x, step in ((old, -1), (a, 1)):
+            if x is not None and x.cluster_id is not None and not x.doubtful:
+                n = self._confident.get(x.cluster_id, 0) + step
+                if n:
+                    self._confident[x.cluster_id] = n
+                else:
+                    self._confident.pop(x.cluster_id, None)
+        if a is None:
+            self.raw.pop(f, None)
+        else:
+            self.raw[f] = a
+
+    def _final(self, f: int) -> FaceAssignment:
+        a = self.raw[f]
+        if a.cluster_id is not None and not a.doubtful and a.cluster_id in self._lonely:
+            return FaceAssignment(a.cluster_id, True, REASON_FEW.format(self.min_confident), None)
+        return a
 
     def _set_near(self, f: int, own: tuple[float, int], other: tuple[float, int]) -> None:
         for old in (self.own.get(f, _NONE)[1], self.other.get(f, _NONE)[1]):
@@ -347,6 +376,7 @@ class People:
         removed = set(removed_faces) | {f for f in self.cid if f not in all_faces}
         old_cid = {f: self.cid.get(f) for f in removed}
         for f in removed:
+            self._set_raw(f, None)
             self._set_cid(f, None)
             self._set_near(f, _NONE, _NONE)
             for d in (self.cid, self.assign, self.own, self.other, self._reason):
@@ -414,11 +444,31 @@ class People:
             self._recompute(sorted(redo), vec, within_many)
         touched = changed_set | redo | patched
         result = ClusterResult(next_id=next_id)
-        for f in touched & all_faces:
+        live_touched = touched & all_faces
+        check = {c for c in old_cid.values() if c is not None}
+        for f in live_touched:
+            old = self.raw.get(f)
+            if old is not None and old.cluster_id is not None:
+                check.add(old.cluster_id)
             a = self._decide(f)
+            self._set_raw(f, a)
+            if a.cluster_id is not None:
+                check.add(a.cluster_id)
+        final = set(live_touched)
+        for c in check:
+            lonely = c in self.members and self._confident.get(c, 0) < self.min_confident
+            if lonely != (c in self._lonely):
+                final |= self.members.get(c, set())  # the whole group changes side
+            if lonely:
+                self._lonely.add(c)
+            else:
+                self._lonely.discard(c)
+        for f in final:
+            a = self._final(f)
             if full or self.assign.get(f) != a:
                 result.assignments[f] = a
             self.assign[f] = a
+        touched = touched | final
 
         # clusters: size and representative for every id whose membership or doubt changed
         affected = {self.cid[f] for f in touched & all_faces if self.cid.get(f) is not None} | set(new_ids)

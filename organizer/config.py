@@ -44,7 +44,7 @@ class DetectionConfig(_Section):
 
 
 class ClusteringConfig(_Section):
-    eps: float = Field(0.55, gt=0, lt=2)
+    eps: float = Field(0.58, gt=0, lt=2)
     min_samples: int = Field(3, ge=1)
     doubt_margin: float = Field(0.05, ge=0, lt=2)
     linkage_threshold: float = Field(0.56, ge=0, lt=2, description="average-linkage split of DBSCAN clusters; 0 = off")

@@ -130,7 +130,7 @@ def desired_tree(store: Store) -> dict[str, tuple[str, str]]:
     for cid, c in clusters.items():
         rep = faces.get(c["representative_face"]) if c["representative_face"] is not None else None
         path = store.path_for_sha(rep.sha256) if rep else None
-        if rep and path:
+        if rep and path and wanted.get(folder[cid]):  # no folder for a group with no confident photo
             tree[f"{folder[cid]}/{REPRESENTATIVE}"] = ("crop", _crop_source(rep, path))
 
     crop_taken: set[str] = set()

@@ -555,7 +555,10 @@ class Store:
             ),
             "failed": q("select count(*) from photos where status='failed'"),
             "faces": q("select count(*) from faces"),
-            "clusters": q("select count(*) from clusters"),
+            # people with a folder: at least one confident face (a group that is all doubtful
+            # so far has an id but no folder)
+            "clusters": q("select count(*) from clusters c where exists "
+                          "(select 1 from faces f where f.cluster_id = c.id and f.doubtful = 0)"),
             "named_clusters": q("select count(*) from clusters where name is not null"),
             "doubtful_faces": q("select count(*) from faces where doubtful=1"),
             "last_errors": [

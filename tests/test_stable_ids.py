@@ -162,3 +162,36 @@ def test_face_between_two_people_is_doubtful_in_any_order(seed):
     w.remove(5)  # B loses a core and dissolves: nothing else is near the face any more
     assert {f: (x.cluster_id, x.doubtful, x.nearest_cluster) for f, x in w.people.assign.items()} == w.full_assignments()
     assert not w.people.assign[9].doubtful
+
+
+class World2(World):
+    """Points in a plane (first two coordinates of 128)."""
+
+    def _point(self, x) -> np.ndarray:
+        v = np.zeros(128)
+        v[:2] = x
+        return v
+
+
+@pytest.mark.parametrize("seed", [1, 3, 4])
+def test_groups_with_too_few_confident_faces_incrementally(seed):
+    """A group whose faces are mostly doubtful (between people) has fewer confident faces than a
+    person needs: all its faces go to doubtful, and back once it has enough. Incremental updates
+    agree with a from-scratch derivation at every step, including when a group changes side."""
+    rng = np.random.default_rng(seed)
+    w = World2(ClusteringConfig(eps=0.5, min_samples=4, doubt_margin=0.3))
+    centres = rng.uniform(0, 3, (8, 2))
+    alive, few = [], 0
+    for step in range(150):
+        if len(alive) > 1 and rng.random() < 0.25:
+            w.remove(alive.pop(int(rng.integers(len(alive)))))
+        else:
+            w.add(step + 100, centres[rng.integers(8)] + rng.normal(0, 0.2, 2))
+            alive.append(step + 100)
+        ours = {f: (a.cluster_id, a.doubtful, a.nearest_cluster) for f, a in w.people.assign.items()}
+        assert ours == w.full_assignments(), step
+        lonely = [a for a in w.people.assign.values() if a.reason and a.reason.startswith("fewer than 4")]
+        few += bool(lonely)
+        for c in {a.cluster_id for a in lonely}:
+            assert all(w.people.assign[f].doubtful for f in w.people.members[c])
+    assert few > 0, "the sequence never made a group with too few confident faces"
