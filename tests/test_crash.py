@@ -8,6 +8,7 @@ import subprocess
 import time
 
 import psutil
+import pytest
 
 from organizer.evaluate import tree_assignment
 
@@ -37,6 +38,7 @@ def _relative_partition(output, watch):
     return groups, doubt
 
 
+@pytest.mark.slow
 def test_kill_during_scan_then_resume(tmp_path, dev_library):
     watch, output = make_library(tmp_path)
     cmd = organizer_cmd("scan", "--watch", str(watch), "--output", str(output))

@@ -247,6 +247,7 @@ def _stopped_run(cmd: list[str], n: int, grace: float, deadline: float) -> list[
     return reader.rest()
 
 
+@pytest.mark.slow
 def test_kill_9_at_20_random_points_loses_nothing(tmp_path, dev_library):
     """kill -9 (the whole process group, like a power cut or the OOM killer) at 20 seeded random
     points of the service's start-up scan: in model loading, hashing, encoding, clustering and
@@ -354,6 +355,7 @@ def _fsize_limit(limit: int):
     return preexec
 
 
+@pytest.mark.slow
 def test_store_disk_full_exits_cleanly_and_resumes(tmp_path):
     """The store cannot grow (RLIMIT_FSIZE: writes past the limit fail with EFBIG, as on a full
     disk): the service says so in one clear line and exits 1 for systemd to restart it; the
