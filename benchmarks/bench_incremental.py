@@ -74,8 +74,8 @@ def worker_sklearn(n: int) -> dict:
     return {"batch_s": time.perf_counter() - t, "rss_mb": peak_rss_mb()}
 
 
-def worker_engine(n: int, n_photos: int) -> dict:
-    from organizer.cluster import People
+def worker_engine(n: int, n_photos: int, refine: bool = True) -> dict:
+    from organizer.cluster import People, average_linkage_split
     from organizer.config import ClusteringConfig
     from organizer.incremental_dbscan import IncrementalDBSCAN, load_state, save_state
 
@@ -107,8 +107,9 @@ def worker_engine(n: int, n_photos: int) -> dict:
         exact = core == ours and noise_ok and (
             {frozenset(v) for v in part_a.values()} == {frozenset(v) for v in part_b.values()})
 
-    cfg = ClusteringConfig(eps=EPS, min_samples=MIN_SAMPLES, doubt_margin=0.05)
-    people = People(cfg)
+    # the service's people layer: refinement (average linkage) on, as with the default config
+    cfg = ClusteringConfig(eps=EPS, min_samples=MIN_SAMPLES, doubt_margin=0.05, linkage_threshold=0.56)
+    people = People(cfg, average_linkage_split if refine else None)
     t = time.perf_counter()
     res = people.derive(eng.clusters(), vec=eng.vector, photo=lambda f: f, quality=lambda f: 0.0,
                         within_many=eng.within_many, vecs=eng.vectors, all_faces=keys, previous={}, next_id=1)
@@ -124,8 +125,8 @@ def worker_engine(n: int, n_photos: int) -> dict:
         t1 = time.perf_counter()
         live = {lab: eng.members(lab) for lab in upd.touched_labels}
         res = people.derive(live, vec=eng.vector, photo=lambda f, i=i: f, quality=lambda f: 0.0,
-                            within_many=eng.within_many, vecs=eng.vectors, all_faces=eng._row.keys(),
-                            previous=dict(people.cid),
+                            within_many=eng.within_many, vecs=eng.vectors, all_faces=eng,
+                            previous=people.cid,
                             next_id=next_id, touched_faces=upd.changed_keys)
         t2 = time.perf_counter()
         next_id = res.next_id
@@ -178,6 +179,7 @@ def main() -> None:
     if args.worker:
         fn = {"sklearn": lambda: worker_sklearn(args.n),
               "engine": lambda: worker_engine(args.n, args.photos),
+              "engine-norefine": lambda: worker_engine(args.n, args.photos, refine=False),
               "incdbscan": lambda: worker_incdbscan(args.n, args.photos)}[args.worker]
         print(json.dumps(fn()))
         return
@@ -188,6 +190,7 @@ def main() -> None:
         print(f"\n== N = {n:,} faces (eps={EPS}, min_samples={MIN_SAMPLES}) ==", flush=True)
         sk = run_worker("sklearn", n, args.photos, timeout=1800)
         eng = run_worker("engine", n, args.photos, timeout=3600)
+        plain = run_worker("engine-norefine", n, args.photos, timeout=3600)
         inc = run_worker("incdbscan", n, min(args.photos, 50), timeout=900) if n <= 10_000 else {"skipped": True}
         if "error" in sk or "error" in eng:
             print(f"  sklearn: {sk}\n  engine: {eng}")
@@ -195,7 +198,11 @@ def main() -> None:
         ratio = sk["batch_s"] * 1000 / eng["update_median_ms"]
         print(f"  batch scikit-learn DBSCAN:      {sk['batch_s']:9.3f} s   (peak RSS {sk['rss_mb']:.0f} MB)")
         print(f"  engine insert, per photo:       median {eng['engine_median_ms']:7.2f} ms   p95 {eng['engine_p95_ms']:7.2f} ms")
-        print(f"  engine + people, per photo:     median {eng['update_median_ms']:7.2f} ms   p95 {eng['update_p95_ms']:7.2f} ms")
+        print(f"  engine + people, per photo:     median {eng['update_median_ms']:7.2f} ms   p95 {eng['update_p95_ms']:7.2f} ms"
+              "   (defaults: refinement on)")
+        if "error" not in plain:
+            print(f"  same without refinement:        median {plain['update_median_ms']:7.2f} ms   "
+                  f"p95 {plain['update_p95_ms']:7.2f} ms")
         print(f"  ratio batch / update median:    {ratio:9.0f}x")
         if inc.get("installed"):
             print(f"  incdbscan insert, per photo:    median {inc['median_ms']:7.2f} ms "

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.sparse.csgraph import connected_components
-from sklearn.cluster import DBSCAN
 
 RefineFn = Callable[[np.ndarray, np.ndarray, object], np.ndarray]
 
@@ -61,6 +60,9 @@ def batch_labels(enc: np.ndarray, eps: float, min_samples: int) -> np.ndarray:
     """
     if len(enc) == 0:
         return np.zeros(0, dtype=int)
+    from sklearn.cluster import DBSCAN  # here, not at the top: importing scikit-learn takes seconds
+    # and only the batch reference (`organizer recluster`) needs it
+
     db = DBSCAN(eps=eps, min_samples=min_samples, metric="euclidean").fit(enc)
     labels = db.labels_.copy()
     core = db.core_sample_indices_
@@ -372,8 +374,13 @@ class People:
         eps = self.cfg.eps
         self._vecs = vecs or (lambda keys: np.stack([vec(f) for f in keys]))
         full = touched_faces is None
-        all_faces = set(all_faces)
-        removed = set(removed_faces) | {f for f in self.cid if f not in all_faces}
+        if full:
+            all_faces = set(all_faces)
+            removed = set(removed_faces) | {f for f in self.cid if f not in all_faces}
+        else:
+            # incremental: nothing here may cost O(all faces). ``all_faces`` only needs `in`
+            # (the engine itself will do), and the caller names every face removed since.
+            removed = {f for f in removed_faces if f in self.cid}
         old_cid = {f: self.cid.get(f) for f in removed}
         for f in removed:
             self._set_raw(f, None)
@@ -393,7 +400,7 @@ class People:
             g, r = split_cluster(ids, enc, ph, eps, self.cfg, self.refine)
             groups += g
             reasons.update(r)
-        scope = set(all_faces) if full else (set(touched_faces or ()) | in_scope) & all_faces
+        scope = set(all_faces) if full else {f for f in set(touched_faces or ()) | in_scope if f in all_faces}
         old_ids = {previous.get(f) for f in scope} | set(old_cid.values())
         old_ids.discard(None)
         # ids still used by faces outside this update must not be handed to a group inside it
@@ -423,7 +430,7 @@ class People:
         if not full:
             for x in removed | changed_set:
                 redo |= self._refs.pop(x, set())
-            redo = (redo - changed_set) & all_faces
+            redo = {f for f in redo - changed_set if f in all_faces}
         near_changed = self._recompute(changed, vec, within_many, keep=not full)
         if not full:
             for f, (near, dist) in zip(changed, near_changed):
@@ -444,7 +451,7 @@ class People:
             self._recompute(sorted(redo), vec, within_many)
         touched = changed_set | redo | patched
         result = ClusterResult(next_id=next_id)
-        live_touched = touched & all_faces
+        live_touched = {f for f in touched if f in all_faces}
         check = {c for c in old_cid.values() if c is not None}
         for f in live_touched:
             old = self.raw.get(f)
@@ -471,7 +478,7 @@ class People:
         touched = touched | final
 
         # clusters: size and representative for every id whose membership or doubt changed
-        affected = {self.cid[f] for f in touched & all_faces if self.cid.get(f) is not None} | set(new_ids)
+        affected = {self.cid[f] for f in touched if f in all_faces and self.cid.get(f) is not None} | set(new_ids)
         for c in sorted(affected):
             members = self.members.get(c, set())
             if not members:

@@ -63,6 +63,9 @@ class IncrementalDBSCAN:
     def __len__(self) -> int:
         return len(self._row)
 
+    def __contains__(self, key: int) -> bool:
+        return key in self._row
+
     def _grow(self) -> None:
         old = len(self._key)
         new = old * 2

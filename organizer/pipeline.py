@@ -314,7 +314,7 @@ class Organizer:
             within_many=engine.within_many,
             vecs=engine.vectors,
             all_faces=current,
-            previous=dict(people.cid),
+            previous=people.cid,  # read before it changes; no O(n) copy per update
             next_id=self.store.next_cluster_id(),
             touched_faces=touched_faces,
             removed_faces=deleted,
