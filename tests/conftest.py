@@ -68,3 +68,14 @@ def dev_library(tmp_path_factory) -> Library:
     proc = run_organizer("scan", "--watch", str(watch), "--output", str(output))
     return Library(watch, output, output / ".organizer" / "organizer.db", watch / "people",
                    proc.stdout, proc.stderr, originals)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_photos_untouched():
+    """The labelled sets the tests copy from are never written: byte-identical after the session.
+    (End-to-end tests also compare the sha256 of their own copies before and after.)"""
+    roots = [d for d in (DEV, NO_FACES) if d.is_dir()]
+    before = {str(r): tree_hashes(r) for r in roots}
+    yield
+    for r in roots:
+        assert tree_hashes(r) == before[str(r)], f"files under {r} changed"
