@@ -134,6 +134,10 @@ def status(settings: Settings, as_json: bool, errors: int):
         click.echo("recent errors:")
         for e in st["last_errors"]:
             click.echo(f"  {e['path']}: {e['error']}")
+    if st["output_errors"]:
+        click.echo("output tree errors (retried on the next update):")
+        for e in st["output_errors"]:
+            click.echo(f"  {e}")
 
 
 @cli.command()

@@ -124,10 +124,12 @@ def split_cluster(
             sq = _pairwise(enc[idx], enc[idx]) <= eps
             n_parts, part = connected_components(sq, directed=False)
             parts = [idx[part == p] for p in range(n_parts)]
-        smallest = max(2, getattr(cfg, "min_group", 2))
         for members in parts:
-            keep = _one_face_per_photo(members, enc, photo, ids, noise) if len(members) >= 2 else members.tolist()
-            if len(keep) < smallest:
+            if len(members) < 2:
+                noise[int(ids[members[0]])] = REASON_NOISE
+                continue
+            keep = _one_face_per_photo(members, enc, photo, ids, noise)
+            if len(keep) < 2:
                 for i in keep:
                     noise[int(ids[i])] = REASON_NOISE
                 continue
@@ -248,7 +250,7 @@ class People:
         # A person needs as many confident faces as a DBSCAN core needs neighbours: a group whose
         # other faces are all doubtful is not yet a person (one stranger's photo in a folder of
         # its own). ``raw`` is each face's decision before that rule; ``assign`` the final one.
-        self.min_confident = max(2, int(getattr(cfg, "min_samples", 2)))
+        self.min_confident = max(2, cfg.min_samples)
         self.raw: dict[int, FaceAssignment] = {}
         self._confident: dict[int, int] = {}  # cluster id -> faces whose raw decision is confident
         self._lonely: set[int] = set()  # cluster ids with fewer than min_confident confident faces

@@ -23,10 +23,15 @@ gives the largest part the old label.
 
 from __future__ import annotations
 
+import logging
+import os
+
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 _SLACK = 1e-4  # float32 screening margin (absolute, on distances of order 1)
 
@@ -452,8 +457,6 @@ def _roots(parent: np.ndarray, a: np.ndarray) -> np.ndarray:
 
 def save_state(eng: IncrementalDBSCAN, path) -> None:
     """Persist the engine (points and their DBSCAN state) atomically to an .npz file."""
-    import os
-
     rows = np.flatnonzero(eng._key >= 0)
     ncore = eng._ncore[rows]
     tmp = f"{path}.tmp.npz"
@@ -502,10 +505,8 @@ def load_state(path, eps: float, min_samples: int, dim: int = 128) -> Incrementa
     except FileNotFoundError:
         return None
     except Exception as exc:  # cut short, empty, not a zip, wrong shapes: rebuild from the store
-        import logging
-
-        logging.getLogger(__name__).warning("ignoring the saved clustering state %s (%s: %s); rebuilding it",
-                                            path, type(exc).__name__, exc)
+        log.warning("ignoring the saved clustering state %s (%s: %s); rebuilding it",
+                    path, type(exc).__name__, exc)
         return None
     eng._row = {int(k): i for i, k in enumerate(keys.tolist())}
     eng._free = list(range(len(eng._key) - 1, n - 1, -1))

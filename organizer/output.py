@@ -27,7 +27,7 @@ from pathlib import Path
 from PIL import Image
 
 from .ingest import IngestError, open_upright
-from .store import Store
+from .store import OUTPUT_ERRORS, Store
 
 log = logging.getLogger(__name__)
 
@@ -242,9 +242,6 @@ def _place_link(source: str, dst: Path, link_mode: str) -> str:
         _discard(tmp)
         raise
     return "copy"
-
-
-OUTPUT_ERRORS = "output_errors"  # meta key: the last reconcile's errors (JSON list), for `status`
 
 
 def _remember_errors(store: Store, errors: list[str]) -> None:

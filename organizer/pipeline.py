@@ -39,10 +39,10 @@ class ScanReport:
     failed: int = 0
     removed: int = 0
     unsettled: list[Path] = field(default_factory=list)
-    watch_missing: bool = False  # the watched folder was empty though the store knows photos
 
 
-def _has_entries(folder: Path) -> bool:
+def has_entries(folder: Path) -> bool:
+    """False for an empty folder, and for one that is missing or cannot be listed."""
     try:
         with os.scandir(folder) as entries:
             return next(entries, None) is not None
@@ -96,13 +96,12 @@ class Organizer:
             raise FileNotFoundError(f"the watched folder {self.watch} does not exist")
         report = ScanReport()
         known = self.store.photo_states()
-        if known and not _has_entries(self.watch):
+        if known and not has_entries(self.watch):
             # an empty mount point: its disk is not mounted. Forgetting every photo would also
             # lose every name given to a person; keep all until the folder has files again.
             log.error("the watched folder %s is empty but the store knows %d photos in it: assuming its disk "
                       "is not mounted, nothing is forgotten (if you really removed every photo, delete the "
                       "store %s)", self.watch, len(known), self.store.path)
-            report.watch_missing = True
             self.refresh()
             return report
         found: list[Path] = []

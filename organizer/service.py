@@ -24,8 +24,8 @@ from pathlib import Path
 from .config import Settings
 from .encode import EncoderUnavailable, check_models
 from .ingest import discover, is_candidate, printable, storable_name
-from .pipeline import Organizer
-from .store import Store, StoreError
+from .pipeline import Organizer, has_entries
+from .store import Store, StoreError, damaged_store_message
 from .watch import Settler, Watcher
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,7 @@ def _store_problem(path: Path, exc: sqlite3.DatabaseError) -> str:
     if isinstance(exc, sqlite3.OperationalError):
         return (f"cannot write the store {path}: {exc}. Is the disk full, read-only or failing? "
                 "Nothing committed is lost: the next start resumes from the store as it is.")
-    return (f"the store {path} is damaged ({exc}); it is left exactly as it is. Move it away to have "
-            "the organizer rebuild it from the photos (names given to people are lost), or restore a backup.")
+    return damaged_store_message(path, exc)
 
 
 class _Notifier:
@@ -174,14 +173,7 @@ class Service:
         """Is the watched folder there? Missing, unlistable, or empty while the store knows photos
         means an unmounted disk or share (a rescan would forget every photo, and the names given
         to people with them): rescans pause until it is back."""
-        try:
-            with os.scandir(org.watch) as entries:
-                if next(entries, None) is not None:
-                    available = True
-                else:
-                    available = org.store.status(0)["photos"] == 0
-        except OSError:
-            available = False
+        available = has_entries(org.watch) or (org.watch.is_dir() and not org.store.has_photos())
         if available and self._paused:
             log.info("the watched folder %s is back; catching up", org.watch)
         elif not available and not self._paused:

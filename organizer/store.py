@@ -26,6 +26,9 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 migrations = Migrations("organizer")
 
 
+OUTPUT_ERRORS = "output_errors"  # meta key: the last reconcile's errors (JSON list), for `status`
+
+
 class StoreError(Exception):
     """The store cannot be used (foreign file, locked by another instance, ...)."""
 
@@ -128,10 +131,6 @@ def _check_foreign(path: Path) -> None:
             f"{path} exists but is not a SQLite database; refusing to overwrite it. "
             "Point --db elsewhere or move the file away."
         )
-    damaged = (
-        f"the store {path} is damaged ({{}}); it is left exactly as it is. Move it away to have the "
-        "organizer rebuild it from the photos (names given to people are lost), or restore a backup."
-    )
     # Without a -wal file nobody has the store open: read it as immutable, which creates no
     # -wal/-shm files next to a file that may not be ours. With one, read it normally (WAL).
     immutable = "" if os.path.exists(f"{path}-wal") else "&immutable=1"
@@ -150,7 +149,7 @@ def _check_foreign(path: Path) -> None:
                 # quick_check reads every page (about a second per GB) and catches that
                 problems = [r[0] for r in conn.execute("PRAGMA quick_check(5)")]
                 if problems != ["ok"]:
-                    raise StoreError(damaged.format("; ".join(problems)))
+                    raise StoreError(damaged_store_message(path, "; ".join(problems)))
         finally:
             conn.close()
     except sqlite3.OperationalError as exc:
@@ -161,7 +160,7 @@ def _check_foreign(path: Path) -> None:
         ) from None
     except sqlite3.DatabaseError as exc:
         if app_hint(path) == APP_ID:
-            raise StoreError(damaged.format(exc)) from None
+            raise StoreError(damaged_store_message(path, exc)) from None
         raise StoreError(
             f"{path} is a damaged or unreadable SQLite file ({exc}); refusing to overwrite it. "
             "Move it away (the organizer rebuilds its store from the photos) or point --db elsewhere."
@@ -171,6 +170,11 @@ def _check_foreign(path: Path) -> None:
             f"{path} is a SQLite database that belongs to another program; refusing to touch it. "
             "Point --db elsewhere."
         )
+
+
+def damaged_store_message(path: Path, detail) -> str:
+    return (f"the store {path} is damaged ({detail}); it is left exactly as it is. Move it away to have the "
+            "organizer rebuild it from the photos (names given to people are lost), or restore a backup.")
 
 
 def app_hint(path: Path) -> str | None:
@@ -297,6 +301,9 @@ class Store:
         return self.db.execute("PRAGMA data_version").fetchone()[0]
 
     # ---- photos --------------------------------------------------------------------------
+    def has_photos(self) -> bool:
+        return self.db.execute("select exists(select 1 from photos)").fetchone()[0] == 1
+
     def photo_states(self) -> dict[str, tuple[int, float, str]]:
         """path -> (size, mtime, status) for every known photo."""
         return {
@@ -333,8 +340,7 @@ class Store:
                         }
                     )
                     first = int(self.get_meta("next_face_id"))
-                    self.db["meta"].upsert(
-                        {"key": "next_face_id", "value": str(first + len(result.faces))}, pk="key")
+                    self.set_meta("next_face_id", str(first + len(result.faces)))
                     self.db["faces"].insert_all(
                         {
                             "id": first + i,
@@ -568,6 +574,7 @@ class Store:
                     [errors],
                 )
             ],
+            "output_errors": json.loads(self.get_meta(OUTPUT_ERRORS) or "[]")[:errors],
         }
 
     def failures(self) -> list[dict]:

@@ -444,6 +444,7 @@ def test_output_write_errors_reported_and_retried(tmp_path):
             (errors,) = conn.execute("select value from meta where key='output_errors'").fetchone()
             assert conn.execute("pragma integrity_check").fetchone()[0] == "ok"
         assert str(folder) in errors
+        assert any(str(folder) in e for e in status_json(output)["output_errors"]), "not shown by status"
         assert not any(folders_holding(output, p) for p in new)
         # permissions fixed: the next rescan creates the missing links and clears the errors
         folder.chmod(0o755)
