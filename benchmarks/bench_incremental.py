@@ -1,6 +1,8 @@
 """Incremental DBSCAN vs re-running scikit-learn's DBSCAN, on synthetic face-like encodings.
 
-    uv run python benchmarks/bench_incremental.py [--sizes 1000,10000,100000] [--photos 200]
+    uv run --group bench python benchmarks/bench_incremental.py [--sizes 1000,10000,100000] [--photos 200]
+
+(the `bench` group adds incdbscan, the library this engine is compared with)
 
 For each N it prints: the batch scikit-learn time on all N faces (the reference, measured in the
 same run), our per-photo update time (1-3 faces inserted into an engine already holding N faces;
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -23,7 +26,16 @@ from pathlib import Path
 
 import numpy as np
 
-EPS, MIN_SAMPLES, DIM = 0.5, 3, 128
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from organizer.config import ClusteringConfig  # noqa: E402
+
+CFG = ClusteringConfig()  # the service's defaults (eps, min_samples, refinement, doubt margin)
+EPS, MIN_SAMPLES, DIM = CFG.eps, CFG.min_samples, 128
+# One BLAS thread: in the service the encoder processes keep the other core busy, and on a shared
+# 2-core machine threaded BLAS mostly waits for a busy core. Both sides of each ratio run alike.
+THREADS = {k: "1" for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
 
 
 def faces(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -74,22 +86,18 @@ def worker_sklearn(n: int) -> dict:
     return {"batch_s": time.perf_counter() - t, "rss_mb": peak_rss_mb()}
 
 
-def worker_engine(n: int, n_photos: int, refine: bool = True) -> dict:
-    from organizer.cluster import People, average_linkage_split
-    from organizer.config import ClusteringConfig
-    from organizer.incremental_dbscan import IncrementalDBSCAN, load_state, save_state
+def worker_prepare(n: int, workdir: str) -> dict:
+    """Start-up without a saved state: the full build from the encodings; saves the state and
+    the encodings for the update worker, and checks the partition against scikit-learn (<= 10k)."""
+    from organizer.incremental_dbscan import IncrementalDBSCAN, save_state
 
     X, _, centers = faces(n)
     keys = list(range(n))
     t = time.perf_counter()
     eng = IncrementalDBSCAN.build(EPS, MIN_SAMPLES, keys, X)
     build_s = time.perf_counter() - t
-    with tempfile.TemporaryDirectory() as tmp:
-        state = Path(tmp) / "state.npz"
-        save_state(eng, state)
-        t = time.perf_counter()
-        eng = load_state(state, EPS, MIN_SAMPLES)
-        load_s = time.perf_counter() - t
+    save_state(eng, Path(workdir) / "state.npz")
+    np.save(Path(workdir) / "centers.npy", centers)
     exact = None
     if n <= 10_000:
         from sklearn.cluster import DBSCAN
@@ -97,8 +105,8 @@ def worker_engine(n: int, n_photos: int, refine: bool = True) -> dict:
         db = DBSCAN(eps=EPS, min_samples=MIN_SAMPLES).fit(X)
         core = set(db.core_sample_indices_.tolist())
         ours = {k for k in keys if eng.is_core(k)}
-        part_a = {}
-        part_b = {}
+        part_a: dict = {}
+        part_b: dict = {}
         for k, lab in enumerate(db.labels_):
             if k in core:
                 part_a.setdefault(lab, set()).add(k)
@@ -106,10 +114,21 @@ def worker_engine(n: int, n_photos: int, refine: bool = True) -> dict:
         noise_ok = {k for k, lab in enumerate(db.labels_) if lab < 0} == {k for k in keys if eng.label(k) < 0}
         exact = core == ours and noise_ok and (
             {frozenset(v) for v in part_a.values()} == {frozenset(v) for v in part_b.values()})
+    return {"build_s": build_s, "exact": exact}
 
-    # the service's people layer: refinement (average linkage) on, as with the default config
-    cfg = ClusteringConfig(eps=EPS, min_samples=MIN_SAMPLES, doubt_margin=0.05, linkage_threshold=0.56)
-    people = People(cfg, average_linkage_split if refine else None)
+
+def worker_engine(n: int, n_photos: int, workdir: str, refine: bool = True) -> dict:
+    """What the service does: load the saved state, derive people, then add photos one by one.
+    Its peak RSS is the service's (no data generation or batch run in this process)."""
+    from organizer.cluster import People, average_linkage_split
+    from organizer.incremental_dbscan import load_state
+
+    t = time.perf_counter()
+    eng = load_state(Path(workdir) / "state.npz", EPS, MIN_SAMPLES)
+    load_s = time.perf_counter() - t
+    centers = np.load(Path(workdir) / "centers.npy")
+    keys = list(range(n))
+    people = People(CFG, average_linkage_split if refine else None)
     t = time.perf_counter()
     res = people.derive(eng.clusters(), vec=eng.vector, photo=lambda f: f, quality=lambda f: 0.0,
                         within_many=eng.within_many, vecs=eng.vectors, all_faces=keys, previous={}, next_id=1)
@@ -117,23 +136,22 @@ def worker_engine(n: int, n_photos: int, refine: bool = True) -> dict:
     next_id = res.next_id
     engine_ms, update_ms = [], []
     key = n
-    for i, v in enumerate(photos(centers, n_photos)):
+    for v in photos(centers, n_photos):
         new = list(range(key, key + len(v)))
         key += len(v)
         t0 = time.perf_counter()
         upd = eng.insert(new, v)
         t1 = time.perf_counter()
-        live = {lab: eng.members(lab) for lab in upd.touched_labels}
-        res = people.derive(live, vec=eng.vector, photo=lambda f, i=i: f, quality=lambda f: 0.0,
+        live = {lab: m for lab in upd.touched_labels if (m := eng.members(lab))}
+        res = people.derive(live, vec=eng.vector, photo=lambda f: f, quality=lambda f: 0.0,
                             within_many=eng.within_many, vecs=eng.vectors, all_faces=eng,
-                            previous=people.cid,
-                            next_id=next_id, touched_faces=upd.changed_keys)
+                            previous=people.cid, next_id=next_id, touched_faces=upd.changed_keys)
         t2 = time.perf_counter()
         next_id = res.next_id
         engine_ms.append((t1 - t0) * 1000)
         update_ms.append((t2 - t0) * 1000)
     return {
-        "build_s": build_s, "load_s": load_s, "derive_s": derive_s, "exact": exact,
+        "load_s": load_s, "derive_s": derive_s,
         "engine_median_ms": float(np.median(engine_ms)), "engine_p95_ms": float(np.percentile(engine_ms, 95)),
         "update_median_ms": float(np.median(update_ms)), "update_p95_ms": float(np.percentile(update_ms, 95)),
         "rss_mb": peak_rss_mb(),
@@ -158,10 +176,12 @@ def worker_incdbscan(n: int, n_photos: int) -> dict:
     return {"installed": True, "build_s": build_s, "median_ms": float(np.median(ms))}
 
 
-def run_worker(kind: str, n: int, n_photos: int, timeout: float) -> dict:
-    cmd = [sys.executable, __file__, "--worker", kind, "--n", str(n), "--photos", str(n_photos)]
+def run_worker(kind: str, n: int, n_photos: int, timeout: float, workdir: str = "") -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--n", str(n), "--photos", str(n_photos),
+           "--workdir", workdir]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **THREADS})
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     if proc.returncode != 0:
@@ -175,11 +195,13 @@ def main() -> None:
     ap.add_argument("--photos", type=int, default=200)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         fn = {"sklearn": lambda: worker_sklearn(args.n),
-              "engine": lambda: worker_engine(args.n, args.photos),
-              "engine-norefine": lambda: worker_engine(args.n, args.photos, refine=False),
+              "prepare": lambda: worker_prepare(args.n, args.workdir),
+              "engine": lambda: worker_engine(args.n, args.photos, args.workdir),
+              "engine-norefine": lambda: worker_engine(args.n, args.photos, args.workdir, refine=False),
               "incdbscan": lambda: worker_incdbscan(args.n, args.photos)}[args.worker]
         print(json.dumps(fn()))
         return
@@ -189,8 +211,14 @@ def main() -> None:
     for n in [int(s) for s in args.sizes.split(",")]:
         print(f"\n== N = {n:,} faces (eps={EPS}, min_samples={MIN_SAMPLES}) ==", flush=True)
         sk = run_worker("sklearn", n, args.photos, timeout=1800)
-        eng = run_worker("engine", n, args.photos, timeout=3600)
-        plain = run_worker("engine-norefine", n, args.photos, timeout=3600)
+        with tempfile.TemporaryDirectory() as workdir:
+            prep = run_worker("prepare", n, args.photos, timeout=3600, workdir=workdir)
+            eng = run_worker("engine", n, args.photos, timeout=3600, workdir=workdir)
+            plain = run_worker("engine-norefine", n, args.photos, timeout=3600, workdir=workdir)
+        if "error" in prep:
+            print(f"  prepare: {prep}")
+            continue
+        eng.update(prep)
         inc = run_worker("incdbscan", n, min(args.photos, 50), timeout=900) if n <= 10_000 else {"skipped": True}
         if "error" in sk or "error" in eng:
             print(f"  sklearn: {sk}\n  engine: {eng}")

@@ -15,18 +15,22 @@ incrementally by :mod:`organizer.incremental` in the service, recomputed with sc
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.sparse.csgraph import connected_components
 
+from .incremental_dbscan import radius_query
+
 RefineFn = Callable[[np.ndarray, np.ndarray, object], np.ndarray]
 
-# Average linkage needs all pairwise distances of a cluster (m^2 memory and time): clusters larger
-# than this are taken whole. Chaining between two people shows up long before a cluster is this big.
-REFINE_MAX_FACES = 3000
+# Average linkage needs all pairwise distances of a cluster (m^2 memory and time): on bigger
+# clusters it runs on a fixed sample of this many faces (a few ms), and the other faces join the
+# sampled group they are closest to on average. Chaining between two people still shows: a second
+# person with a few percent of a cluster's faces is in the sample with a dozen or more.
+REFINE_SAMPLE = 400
 
 REASON_NOISE = "no confident match with any person"
 REASON_SAME_PHOTO = "another face in the same photo matched this person better"
@@ -100,18 +104,76 @@ def average_linkage_split(enc: np.ndarray, photo: np.ndarray, cfg) -> np.ndarray
     return fcluster(z, t=cfg.linkage_threshold, criterion="distance") - 1
 
 
+def _hash_ids(ids: np.ndarray) -> np.ndarray:
+    """splitmix64 of the face ids: a fixed, well-mixed order in which to sample a cluster."""
+    z = ids.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def refinement_sample(ids: np.ndarray, k: int = REFINE_SAMPLE) -> np.ndarray:
+    """Indices of the ``k`` members whose hashed face id is smallest (all of them when m <= k).
+
+    A uniform sample that depends only on the member set, so a batch run and an update agree;
+    an insert changes it only when the new face hashes below the k-th (probability k/m), so the
+    refinement of a big cluster is recomputed rarely (see ``_REFINED``)."""
+    if len(ids) <= k:
+        return np.arange(len(ids))
+    return np.sort(np.argpartition(_hash_ids(ids), k)[:k])
+
+
+# Refinement results by (function, threshold, sampled face ids): a pure function of these (face
+# ids are never reused and a face's encoding and photo never change), so a cache hit is exact.
+_REFINED: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
+_REFINED_MAX = 1024
+
+
+def _refine_sampled(ids: np.ndarray, enc_of, photo: np.ndarray, cfg, refine: RefineFn) -> np.ndarray:
+    """Refinement labels for every member; average linkage itself runs on the sample."""
+    m = len(ids)
+    s = refinement_sample(ids)
+    key = (refine, getattr(cfg, "linkage_threshold", None), ids[s].tobytes())
+    sub_s = _REFINED.get(key)
+    if sub_s is None:
+        sub_s = np.asarray(refine(enc_of(s), photo[s], cfg), dtype=int)
+        _REFINED[key] = sub_s
+        if len(_REFINED) > _REFINED_MAX:
+            _REFINED.popitem(last=False)
+    else:
+        _REFINED.move_to_end(key)
+    if len(s) == m:
+        return sub_s
+    if (sub_s == sub_s[0]).all():
+        return np.full(m, sub_s[0], dtype=int)
+    # the sample split: every other face joins the sampled group it is closest to on average
+    # (the average-linkage criterion); ties go to the lower group label
+    enc = enc_of(np.arange(m))
+    groups = np.unique(sub_s[sub_s >= 0])
+    d = _pairwise(enc, enc[s])
+    mean = np.stack([d[:, sub_s == g].mean(1) for g in groups], axis=1)
+    sub = groups[np.argmin(mean, axis=1)]
+    sub[s] = sub_s
+    return sub
+
+
 def split_cluster(
-    ids: np.ndarray, enc: np.ndarray, photo: np.ndarray, eps: float, cfg, refine: RefineFn | None
+    ids: np.ndarray, enc, photo: np.ndarray, eps: float, cfg, refine: RefineFn | None
 ) -> tuple[list[list[int]], dict[int, str]]:
     """People inside one DBSCAN cluster: (groups of face ids, {face id: reason} for the rest).
 
+    ``enc`` is the members' encodings, or a function of member indices returning them (so a big
+    cluster that stays whole never has all its encodings gathered).
     A pure function of the cluster's members (ids ascending), so it can be re-run on the clusters
-    a new photo touched and still agree with a batch run. Costs O(m) unless refinement splits
-    the cluster (a DBSCAN cluster is eps-connected already; only split parts are re-checked).
+    a new photo touched and still agree with a batch run. Average linkage runs on at most
+    ``REFINE_SAMPLE`` faces (:func:`refinement_sample`), so its cost is bounded; the rest is O(m)
+    unless refinement splits the cluster (only split parts are re-checked for eps-connectivity).
     """
+    ids = np.asarray(ids)
     m = len(ids)
-    refinable = refine is not None and 2 < m <= REFINE_MAX_FACES
-    sub = np.asarray(refine(enc, photo, cfg), dtype=int) if refinable else np.zeros(m, dtype=int)
+    enc_of = enc if callable(enc) else (lambda idx, enc=np.asarray(enc): enc[idx])
+    refinable = refine is not None and m > 2
+    sub = _refine_sampled(ids, enc_of, photo, cfg, refine) if refinable else np.zeros(m, dtype=int)
     noise: dict[int, str] = {int(ids[i]): REASON_NOISE for i in np.flatnonzero(sub < 0)}
     groups: list[list[int]] = []
     whole = bool((sub == 0).all())
@@ -119,29 +181,32 @@ def split_cluster(
         idx = np.flatnonzero(sub == s)
         if whole:
             parts = [idx]
+        elif len(idx) > REFINE_SAMPLE:
+            # too big to check every pair; a group this size is its own proof of identity
+            parts = [idx]
         else:
             # keep parts eps-connected, so every member has a face of its own person within eps
-            sq = _pairwise(enc[idx], enc[idx]) <= eps
+            sq = _pairwise(enc_of(idx), enc_of(idx)) <= eps
             n_parts, part = connected_components(sq, directed=False)
             parts = [idx[part == p] for p in range(n_parts)]
         for members in parts:
             if len(members) < 2:
                 noise[int(ids[members[0]])] = REASON_NOISE
                 continue
-            keep = _one_face_per_photo(members, enc, photo, ids, noise)
+            keep = _one_face_per_photo(members, enc_of, photo, ids, noise)
             if len(keep) < 2:
                 for i in keep:
                     noise[int(ids[i])] = REASON_NOISE
                 continue
-            groups.append(sorted(int(ids[i]) for i in keep))
+            groups.append(ids[np.asarray(keep)].tolist() if whole else sorted(int(ids[i]) for i in keep))
     return groups, noise
 
 
-def _one_face_per_photo(members: np.ndarray, enc: np.ndarray, photo: np.ndarray, ids, noise) -> list[int]:
+def _one_face_per_photo(members: np.ndarray, enc_of, photo: np.ndarray, ids, noise) -> list[int]:
     """Cannot-link: one person appears once per photo. Of several faces of one photo in a group,
     keep the one closest (mean distance) to the group's faces from other photos."""
     if len(set(photo[members].tolist())) == len(members):
-        return members.tolist()
+        return members
     by_photo: dict[object, list[int]] = {}
     for i in members.tolist():
         by_photo.setdefault(photo[i], []).append(i)
@@ -153,7 +218,8 @@ def _one_face_per_photo(members: np.ndarray, enc: np.ndarray, photo: np.ndarray,
             keep.append(same[0])
             continue
         others = np.array([j for j in members.tolist() if photo[j] != ph] or members.tolist())
-        score = [float(np.linalg.norm(enc[others] - enc[i], axis=1).mean()) for i in same]
+        oenc = enc_of(others)
+        score = [float(np.linalg.norm(oenc - enc_of(np.array([i]))[0], axis=1).mean()) for i in same]
         best = same[int(np.argmin(score))]
         keep.append(best)
         for i in same:
@@ -198,8 +264,10 @@ def match_ids(
 
 
 def representative(members: Sequence[int], vecs: Callable[[list[int]], np.ndarray], quality: Callable[[int], float]) -> int:
-    """The most central, sharpest face: best quality among the most central half."""
-    members = sorted(members)
+    """The most central, sharpest face: best quality among the most central half (of a fixed
+    sample of ``REFINE_SAMPLE`` faces for big clusters, so an update stays cheap)."""
+    members = np.sort(np.fromiter(members, np.int64, len(members)))
+    members = members[refinement_sample(members)].tolist()
     sub = vecs(members)
     d = np.linalg.norm(sub - sub.mean(axis=0), axis=1)
     central = np.argsort(d, kind="stable")[: max(1, (len(members) + 1) // 2)]
@@ -207,25 +275,23 @@ def representative(members: Sequence[int], vecs: Callable[[list[int]], np.ndarra
 
 
 class Neighbours:
-    """Radius queries over a fixed set of encodings (brute force, blocked): the batch path."""
+    """Radius queries over a fixed set of encodings (brute force, blocked): the batch path.
+    Same arithmetic as the engine's (:func:`~organizer.incremental_dbscan.radius_query`)."""
 
     def __init__(self, ids: np.ndarray, enc: np.ndarray):
         self.ids = np.asarray(ids)
-        self.enc = enc
-        self.sq = (enc * enc).sum(1)
+        self.enc = np.asarray(enc, dtype=np.float64)
+        self.x32 = self.enc.astype(np.float32)
+        self.sq = (self.x32 * self.x32).sum(1)
 
     def within_many(self, vecs: np.ndarray, radius: float) -> list[tuple[np.ndarray, np.ndarray]]:
-        out = []
-        for start in range(0, len(vecs), 256):
-            v = vecs[start : start + 256]
-            d = np.sqrt(np.maximum(self.sq[None, :] + (v * v).sum(1)[:, None] - 2 * v @ self.enc.T, 0))
-            for row in d:
-                hit = np.flatnonzero(row <= radius)
-                out.append((self.ids[hit], row[hit]))
-        return out
+        return radius_query(self.x32, self.sq, self.enc, self.ids, vecs, radius)
 
 
 _NONE = (np.inf, -1)
+# Radius queries screen distances in float32 (squared-distance error well under 1e-5 for
+# encodings of norm ~1); faces whose squared distance is within this of the best are re-measured.
+_TIE2 = 4e-5
 
 
 class People:
@@ -254,6 +320,7 @@ class People:
         self.raw: dict[int, FaceAssignment] = {}
         self._confident: dict[int, int] = {}  # cluster id -> faces whose raw decision is confident
         self._lonely: set[int] = set()  # cluster ids with fewer than min_confident confident faces
+        self._cid_arr = np.full(1024, -1, dtype=np.int64)  # cid by face id, for vectorised lookups
 
     def _set_cid(self, f: int, c: int | None) -> None:
         old = self.cid.get(f)
@@ -264,6 +331,33 @@ class People:
         self.cid[f] = c
         if c is not None:
             self.members.setdefault(c, set()).add(f)
+        if f >= len(self._cid_arr):
+            self._cid_arr = np.concatenate([self._cid_arr, np.full(max(f + 1, 2 * len(self._cid_arr)), -1)])
+        self._cid_arr[f] = -1 if c is None else c
+
+    def _cids(self, faces: np.ndarray) -> np.ndarray:
+        """Cluster id per face id (-1: noise or unknown), vectorised."""
+        out = np.full(len(faces), -1, dtype=np.int64)
+        inside = faces < len(self._cid_arr)
+        out[inside] = self._cid_arr[faces[inside]]
+        return out
+
+    def _exact(self, f: int, faces) -> np.ndarray:
+        """Exact (float64) distances from face ``f`` to ``faces``."""
+        v = self._vecs([f])[0]
+        return np.sqrt(((self._vecs(list(faces)) - v) ** 2).sum(1))
+
+    def _closest(self, f: int, near: np.ndarray, dist: np.ndarray) -> tuple[float, int]:
+        """(exact distance, face) of the nearest of ``near`` to ``f``, ties to the smaller face id.
+        ``dist`` is approximate (float32 screening): the few faces that could be the nearest are
+        measured exactly, so the batch and incremental paths agree to the last bit."""
+        if len(near) == 0:
+            return _NONE
+        lo = float(dist.min())
+        close = np.flatnonzero(dist * dist <= lo * lo + _TIE2)
+        exact = self._exact(f, near[close].tolist())
+        j = np.lexsort((near[close], exact))[0]
+        return float(exact[j]), int(near[close][j])
 
     def load(self, saved: dict[int, tuple], faces: Iterable[int], vec, within_many) -> None:
         """Resume from a saved clustering (clean store): ids and doubt from the store, nearest
@@ -323,23 +417,16 @@ class People:
         return kept
 
     def _nearest_from(self, faces: list[int], found: list) -> None:
-        cid_of = self.cid.get
         for f, (near, dist) in zip(faces, found):
             mine = self.cid.get(f)
-            cids = np.fromiter((-1 if (c := cid_of(g)) is None else c for g in near.tolist()), np.int64, len(near))
+            cids = self._cids(near)
             ok = (cids >= 0) & (near != f)
-            own = other = _NONE
+            own = _NONE
             if mine is not None:
-                sel = np.flatnonzero(ok & (cids == mine))
-                if len(sel):
-                    j = sel[np.lexsort((near[sel], dist[sel]))[0]]
-                    own = (float(dist[j]), int(near[j]))
+                sel = ok & (cids == mine)
+                own = self._closest(f, near[sel], dist[sel])
                 ok &= cids != mine
-            sel = np.flatnonzero(ok)
-            if len(sel):
-                j = sel[np.lexsort((near[sel], dist[sel]))[0]]
-                other = (float(dist[j]), int(near[j]))
-            self._set_near(f, own, other)
+            self._set_near(f, own, self._closest(f, near[ok], dist[ok]))
 
     def _decide(self, f: int) -> FaceAssignment:
         eps, margin = self.cfg.eps, self.cfg.doubt_margin
@@ -397,12 +484,15 @@ class People:
             members = sorted(clusters[label])
             in_scope.update(members)
             ids = np.array(members)
-            enc = self._vecs(members)
             ph = np.array([photo(f) for f in members], dtype=object)
-            g, r = split_cluster(ids, enc, ph, eps, self.cfg, self.refine)
+            g, r = split_cluster(ids, lambda idx, ids=ids: self._vecs(ids[idx].tolist()), ph, eps,
+                                 self.cfg, self.refine)
             groups += g
             reasons.update(r)
-        scope = set(all_faces) if full else {f for f in set(touched_faces or ()) | in_scope if f in all_faces}
+        if full:
+            scope = set(all_faces)
+        else:  # members of live clusters are live faces; only touched faces may have left
+            scope = in_scope | {f for f in touched_faces or () if f in all_faces}
         old_ids = {previous.get(f) for f in scope} | set(old_cid.values())
         old_ids.discard(None)
         # ids still used by faces outside this update must not be handed to a group inside it
@@ -411,18 +501,21 @@ class People:
             inside = {self.cid.get(f) for f in scope} - {None}
             reserved = set(self.members) - {c for c in inside if self.members[c] <= scope}
         new_ids, next_id = match_ids(groups, previous, next_id, reserved)
-        before = {f: self.cid.get(f, -1) for f in scope}
-        new_cid: dict[int, int | None] = {f: None for f in scope}
+        new_cid: dict[int, int] = {}
         for gid, members in zip(new_ids, groups):
-            for f in members:
-                new_cid[f] = gid
-        for f in scope:
-            self._set_cid(f, new_cid[f])
-            if new_cid[f] is None:
-                self._reason[f] = reasons.get(f, REASON_NOISE)
-            else:
-                self._reason.pop(f, None)
-        changed = sorted(f for f in scope if before[f] != self.cid[f]) if not full else sorted(all_faces)
+            new_cid.update(dict.fromkeys(members, gid))
+        changed = []
+        cid, reason = self.cid, self._reason
+        for f in scope:  # one pass; only faces whose person changed pay for bookkeeping
+            c = new_cid.get(f)
+            if f not in cid or cid[f] != c:
+                self._set_cid(f, c)
+                changed.append(f)
+            if c is None:
+                reason[f] = reasons.get(f, REASON_NOISE)
+            elif f in reason:
+                del reason[f]
+        changed = sorted(all_faces) if full else sorted(changed)
         changed_set = set(changed)
 
         # nearest own/other faces: recompute the changed faces and the faces whose recorded
@@ -443,12 +536,13 @@ class People:
                     if g == f or g in changed_set or g in redo or g not in all_faces:
                         continue
                     own, other = self.own.get(g, _NONE), self.other.get(g, _NONE)
-                    if self.cid.get(g) == cf:
-                        if (d, f) < own:
-                            self._set_near(g, (d, f), other)
-                            patched.add(g)
-                    elif (d, f) < other:
-                        self._set_near(g, own, (d, f))
+                    mine = self.cid.get(g) == cf
+                    best = own if mine else other
+                    if d * d > best[0] * best[0] + _TIE2:
+                        continue  # certainly not nearer (d is approximate)
+                    d = float(self._exact(g, [f])[0])
+                    if (d, f) < best:
+                        self._set_near(g, (d, f), other) if mine else self._set_near(g, own, (d, f))
                         patched.add(g)
             self._recompute(sorted(redo), vec, within_many)
         touched = changed_set | redo | patched
@@ -485,7 +579,7 @@ class People:
             members = self.members.get(c, set())
             if not members:
                 continue
-            confident = [f for f in members if not self.assign[f].doubtful] or sorted(members)
+            confident = [f for f in members if not self.assign[f].doubtful] or list(members)
             result.clusters[c] = (len(members), representative(confident, self._vecs, quality))
         result.removed = {c for c in old_ids if c not in self.members}
         return result

@@ -116,19 +116,9 @@ class IncrementalDBSCAN:
         return self._key[rows], d
 
     def within_many(self, vectors: np.ndarray, radius: float) -> list[tuple[np.ndarray, np.ndarray]]:
-        """:meth:`within` for several vectors at once (one matrix product per 256 vectors)."""
-        vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float64))
-        out = []
-        for start in range(0, len(vectors), 256):
-            v64 = vectors[start : start + 256]
-            v32 = v64.astype(np.float32)
-            d2 = self._sq[None, :] + (v32 * v32).sum(1)[:, None] - 2.0 * (v32 @ self._x32.T)
-            for row, vec in zip(d2, v64):
-                cand = np.flatnonzero(row <= (radius + _SLACK) ** 2)
-                d = np.sqrt(((self._x64[cand] - vec) ** 2).sum(axis=1))
-                keep = d <= radius
-                out.append((self._key[cand[keep]], d[keep]))
-        return out
+        """:meth:`within` for several vectors at once, with float32-accurate distances (membership
+        is exact): see :func:`radius_query`."""
+        return radius_query(self._x32, self._sq, self._x64, self._key, vectors, radius)
 
     def nearest(self, vectors: np.ndarray, k: int, exclude: set[int] | None = None):
         """Exact k nearest stored points for each vector: (distances, keys), both (n, k')."""
@@ -164,7 +154,8 @@ class IncrementalDBSCAN:
         return {lab: sorted(int(self._key[r]) for r in rows) for lab, rows in self._members.items()}
 
     def members(self, label: int) -> list[int]:
-        return sorted(int(self._key[r]) for r in self._members.get(label, ()))
+        rows = self._members.get(label, ())
+        return np.sort(self._key[np.fromiter(rows, np.int64, len(rows))]).tolist()
 
     # ---- bookkeeping helpers ------------------------------------------------------------------
     def _set_label(self, r: int, lab: int, upd: Update) -> None:
@@ -441,6 +432,37 @@ class IncrementalDBSCAN:
             eng._members[lab].add(r)
             eng._ncore[r], eng._ncd[r] = best[r], best_d[r]
         return eng
+
+
+def radius_query(x32: np.ndarray, sq: np.ndarray, x64: np.ndarray, keys: np.ndarray,
+                 vectors: np.ndarray, radius: float, block: int = 64) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For each vector, the keys of the rows within ``radius`` and their distances.
+
+    One float32 matrix product per ``block`` vectors screens all rows (rows with an infinite
+    squared norm ``sq`` are free and never match). Membership is exact: candidates near the
+    radius are re-measured in float64. Other distances keep float32 accuracy (squared-distance
+    error far below 1e-5), which is all ranking needs; callers that break ties re-measure.
+    """
+    vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float64))
+    hi, lo = (radius + _SLACK) ** 2, max(radius - _SLACK, 0.0) ** 2
+    out = []
+    for start in range(0, len(vectors), block):
+        v64 = vectors[start : start + block]
+        v32 = v64.astype(np.float32)
+        d2 = v32 @ x32.T
+        d2 *= -2.0
+        d2 += sq[None, :]
+        d2 += (v32 * v32).sum(1)[:, None]
+        for row, vec in zip(d2, v64):
+            cand = np.flatnonzero(row <= hi)
+            dc = np.maximum(row[cand], 0.0).astype(np.float64)
+            edge = np.flatnonzero(dc > lo)
+            if len(edge):
+                dc[edge] = ((x64[cand[edge]] - vec) ** 2).sum(1)
+                keep = dc <= radius * radius
+                cand, dc = cand[keep], dc[keep]
+            out.append((keys[cand], np.sqrt(dc)))
+    return out
 
 
 def _roots(parent: np.ndarray, a: np.ndarray) -> np.ndarray:

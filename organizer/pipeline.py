@@ -303,10 +303,9 @@ class Organizer:
             upd = engine.insert(ids.tolist(), enc)
             touched_faces |= upd.changed_keys
             touched_labels |= upd.touched_labels
-        live = engine.clusters()
         touched_faces &= current
         result = people.derive(
-            {lab: live[lab] for lab in touched_labels if lab in live},
+            {lab: m for lab in sorted(touched_labels) if (m := engine.members(lab))},
             vec=engine.vector,
             photo=lambda f: self._meta[f][0],
             quality=lambda f: self._meta[f][1],

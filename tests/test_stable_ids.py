@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from organizer.cluster import Neighbours, People, batch_labels, match_ids
+from organizer.cluster import REFINE_SAMPLE, Neighbours, People, average_linkage_split, batch_labels, match_ids
 from organizer.config import ClusteringConfig
 from organizer.incremental_dbscan import IncrementalDBSCAN
 
@@ -28,10 +28,12 @@ def test_match_ids_rules():
 class World:
     """Points on a line in 128-d (first coordinate), driven through engine + People."""
 
+    refine = None  # People's refinement function (None: DBSCAN clusters taken whole)
+
     def __init__(self, cfg=CFG):
         self.cfg = cfg
         self.engine = IncrementalDBSCAN(cfg.eps, cfg.min_samples, dim=128)
-        self.people = People(cfg)
+        self.people = People(cfg, self.refine)
         self.vec: dict[int, np.ndarray] = {}
         self.next_id = 1
         self.store: dict[int, int | None] = {}
@@ -73,7 +75,7 @@ class World:
         keys = sorted(self.vec)
         enc = np.stack([self.vec[k] for k in keys])
         labels = batch_labels(enc, self.cfg.eps, self.cfg.min_samples)
-        people = People(self.cfg)
+        people = People(self.cfg, self.refine)
         res = people.derive(
             {int(l): [k for k, ll in zip(keys, labels) if ll == l] for l in set(labels.tolist()) if l >= 0},
             vec=lambda f: self.vec[f], photo=lambda f: f, quality=lambda f: 0.0,
@@ -91,6 +93,10 @@ class World:
             if lab >= 0:
                 groups.setdefault(lab, set()).add(k)
         return {frozenset(g) for g in groups.values()}
+
+    def partition_dbscan_size(self) -> int:
+        """Size of the biggest DBSCAN cluster."""
+        return max((len(m) for m in self.engine.clusters().values()), default=0)
 
     def partition(self):
         groups = {}
@@ -195,3 +201,60 @@ def test_groups_with_too_few_confident_faces_incrementally(seed):
         for c in {a.cluster_id for a in lonely}:
             assert all(w.people.assign[f].doubtful for f in w.people.members[c])
     assert few > 0, "the sequence never made a group with too few confident faces"
+
+
+class WorldR(World):
+    """Points given as 128-d vectors; refinement (average linkage) on, as by default."""
+
+    refine = staticmethod(average_linkage_split)
+
+    def _point(self, x) -> np.ndarray:
+        return np.asarray(x, dtype=np.float64)
+
+
+def test_big_cluster_refined_on_a_sample_incrementally_equals_batch():
+    """A DBSCAN cluster bigger than REFINE_SAMPLE: average linkage runs on a hashed sample of
+    it, the other faces join the sampled group they are closest to. Person B, chained to the
+    much bigger person A, is still split off, and updates agree with a batch run throughout."""
+    rng = np.random.default_rng(11)
+    cfg = ClusteringConfig()  # the defaults: eps 0.58, linkage threshold 0.56
+    a = rng.normal(0, 1, 128)
+    a *= 0.45 / np.linalg.norm(a)
+    b = -a  # 0.9 apart
+    spread = 0.3 / np.sqrt(128)
+    w = WorldR(cfg)
+    key = 0
+    people_a, people_b = [], []
+    order = ["a"] * 420 + ["b"] * 60
+    rng.shuffle(order)
+    chain = [a + (b - a) * t for t in np.linspace(0.1, 0.9, 9)]
+    for step, who in enumerate(order):
+        if step == 200:
+            for v in chain:  # the bridge that makes DBSCAN join A and B
+                w.add(key, v)
+                key += 1
+        centre = a if who == "a" else b
+        w.add(key, centre + rng.normal(0, spread, 128))
+        (people_a if who == "a" else people_b).append(key)
+        key += 1
+        if step in (150, 300, 479):
+            assert step < 479 or w.partition_dbscan_size() > REFINE_SAMPLE, "the sampled path is tested"
+            ours = {f: (x.cluster_id, x.doubtful, x.nearest_cluster) for f, x in w.people.assign.items()}
+            assert ours == w.full_assignments(), step
+    (ida,) = {w.people.cid[f] for f in people_a} - {None}
+    idsb = {w.people.cid[f] for f in people_b} - {None}
+    assert len(idsb) == 1 and ida not in idsb
+    assert sum(w.people.cid[f] is not None for f in people_a + people_b) >= 0.95 * 480
+    # the final DBSCAN cluster (A + chain + B) really went through the sampled split
+    from organizer.cluster import split_cluster
+
+    (big,) = [m for m in w.engine.clusters().values() if len(m) > REFINE_SAMPLE]
+    sizes = []
+
+    def recording(enc, photo, c):
+        sizes.append(len(enc))
+        return average_linkage_split(enc, photo, c)
+
+    ids = np.array(big)
+    groups, _ = split_cluster(ids, w.engine.vectors(big), np.array(big, dtype=object), cfg.eps, cfg, recording)
+    assert sizes == [REFINE_SAMPLE] and len(groups) >= 2
