@@ -1,6 +1,6 @@
 """Accuracy of the clustering on labelled photo sets (one folder per person).
 
-    uv run python benchmarks/bench_accuracy.py [--sets tune,dev] [--sweep]
+    uv run python benchmarks/bench_accuracy.py [--sets tune,dev] [--sweep] [--workers N]
 
 Each set is scanned once with the real pipeline (ingest, encode) into a cached store under
 ~/.cache/organizer-bench/; then clusterings are derived from the stored encodings exactly as
@@ -35,15 +35,17 @@ SHARED = Path(os.environ.get("ORGANIZER_SHARED", ROOT.parent / "shared")) / "fac
 CACHE = Path(os.environ.get("ORGANIZER_BENCH_CACHE", Path.home() / ".cache" / "organizer-bench"))
 
 
-def scanned_store(set_dir: Path, detection: dict) -> Path:
-    """Scan ``set_dir`` once per detection settings; returns the cached store's db path."""
+def scanned_store(set_dir: Path, detection: dict, workers: int = 0) -> Path:
+    """Scan ``set_dir`` once per detection settings; returns the cached store's db path.
+    ``workers``: encoder processes for the scan (0 = one per core; not part of the cache key)."""
     key = hashlib.sha256(json.dumps([str(set_dir), detection], sort_keys=True).encode()).hexdigest()[:12]
     base = CACHE / f"{set_dir.name}-{key}"
     db = base / "organizer.db"
     if (base / "done").exists():
         return db
     base.mkdir(parents=True, exist_ok=True)
-    overrides = {"paths.watch": str(set_dir), "paths.output": str(base / "out"), "paths.db": str(db)}
+    overrides = {"paths.watch": str(set_dir), "paths.output": str(base / "out"), "paths.db": str(db),
+                 "service.workers": workers}
     overrides.update({f"detection.{k}": v for k, v in detection.items()})
     settings = load_config(None, overrides)
     with Store.open(db) as store:
@@ -102,6 +104,7 @@ def main() -> None:
     ap.add_argument("--sets", default="tune,dev")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--linkage", action="store_true", help="sweep the average-linkage refinement")
+    ap.add_argument("--workers", type=int, default=0, help="encoder processes when a set must be scanned (0 = one per core)")
     args = ap.parse_args()
     defaults = load_config(None)
     detection = {"min_face_size": defaults.detection.min_face_size}
@@ -109,8 +112,9 @@ def main() -> None:
     rows = []
     for name in args.sets.split(","):
         set_dir = SHARED / name
-        db = scanned_store(set_dir, {"landmarks": defaults.detection.landmarks, "upsample": defaults.detection.upsample,
-                                     "num_jitters": defaults.detection.num_jitters, "max_side": defaults.detection.max_side})
+        d = defaults.detection
+        db = scanned_store(set_dir, {"landmarks": d.landmarks, "upsample": d.upsample, "num_jitters": d.num_jitters,
+                                     "max_side": d.max_side, "fallback_margin": d.fallback_margin}, args.workers)
         grid = [("plain eps 0.5", PLAIN), ("defaults", chosen)]
         if args.linkage:
             grid += [(f"eps={e} ms={m} link={t}", {"eps": e, "min_samples": m, "doubt_margin": 0.0, "linkage_threshold": t})

@@ -41,6 +41,10 @@ class DetectionConfig(_Section):
     min_sharpness: float = Field(0.0, ge=0)
     num_jitters: int = Field(1, ge=1, le=100)
     landmarks: Literal["large", "small"] = "large"
+    fallback_margin: float = Field(
+        0.5, ge=0, le=2,
+        description="photos where HOG finds no face: HOG near-misses down to -this are checked by the CNN detector; 0 = off",
+    )
 
 
 class ClusteringConfig(_Section):
@@ -92,6 +96,7 @@ class Settings(_Section):
             max_pixels=d.max_pixels,
             num_jitters=d.num_jitters,
             landmarks=d.landmarks,
+            fallback_margin=d.fallback_margin,
         )
 
 
