@@ -55,7 +55,8 @@ def faces(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     X = np.vstack([known, strangers])
     ids = np.concatenate([who, -1 - np.arange(n - n_known)])
     order = rng.permutation(n)
-    return X[order], ids[order], centers
+    # float32 values, as dlib computes encodings (the engine keeps points in float32)
+    return X[order].astype(np.float32).astype(np.float64), ids[order], centers
 
 
 def photos(centers: np.ndarray, count: int, seed: int = 1) -> list[np.ndarray]:
@@ -69,7 +70,7 @@ def photos(centers: np.ndarray, count: int, seed: int = 1) -> list[np.ndarray]:
         v = centers[who] + rng.normal(scale=sigma, size=(k, DIM))
         if rng.random() < 0.15:
             v[0] = rng.normal(size=DIM) * 0.64 / np.sqrt(DIM)  # a stranger in the background
-        out.append(v)
+        out.append(v.astype(np.float32).astype(np.float64))
     return out
 
 

@@ -280,12 +280,11 @@ class Neighbours:
 
     def __init__(self, ids: np.ndarray, enc: np.ndarray):
         self.ids = np.asarray(ids)
-        self.enc = np.asarray(enc, dtype=np.float64)
-        self.x32 = self.enc.astype(np.float32)
-        self.sq = (self.x32 * self.x32).sum(1)
+        self.x32 = np.asarray(enc, dtype=np.float32)
+        self.sq = np.einsum("ij,ij->i", self.x32, self.x32)
 
     def within_many(self, vecs: np.ndarray, radius: float) -> list[tuple[np.ndarray, np.ndarray]]:
-        return radius_query(self.x32, self.sq, self.enc, self.ids, vecs, radius)
+        return radius_query(self.x32, self.sq, self.ids, vecs, radius)
 
 
 _NONE = (np.inf, -1)

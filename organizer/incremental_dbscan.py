@@ -14,9 +14,14 @@ scikit-learn gives a border point within eps of two clusters to whichever it rea
 use the nearest core (the documented deterministic rule), so core points, noise and clusters are
 exactly scikit-learn's, and border points go to one of the clusters scikit-learn could give them.
 
-Neighbour search is brute force over an in-memory float32 matrix (one matrix-vector product per
-query, a few ms at 100k faces on one core) with an exact float64 re-check of every candidate near
-the boundary, so distances compare to ``eps`` exactly as direct euclidean differences do.
+Points are kept in float32, the precision dlib computes encodings in (the store's float64
+encodings are float32 values, so nothing is lost; other input is rounded on the way in, and the
+partition is scikit-learn's on the rounded points). Neighbour search is brute force over that
+in-memory matrix (one matrix-vector product per query, a few ms at 100k faces on one core) with
+an exact float64 re-check of every candidate near the boundary, so distances compare to ``eps``
+exactly as direct euclidean differences do. Brute force because it is exact and simple: at 100k
+faces the matrix is 51 MB and a query costs a few ms; exact indexes (trees) do no better in 128-d,
+and approximate ones (hnswlib, faiss IVF) could miss a neighbour and change the partition.
 Clusters keep their label when untouched; a merge keeps the label of the larger cluster, a split
 gives the largest part the old label.
 """
@@ -50,7 +55,6 @@ class IncrementalDBSCAN:
         self.eps = float(eps)
         self.min_samples = int(min_samples)
         self.dim = dim
-        self._x64 = np.zeros((capacity, dim), dtype=np.float64)
         self._x32 = np.zeros((capacity, dim), dtype=np.float32)
         self._sq = np.full(capacity, np.inf, dtype=np.float32)  # inf marks a free row
         self._key = np.full(capacity, -1, dtype=np.int64)
@@ -73,8 +77,8 @@ class IncrementalDBSCAN:
 
     def _grow(self) -> None:
         old = len(self._key)
-        new = old * 2
-        for name, fill in (("_x64", 0.0), ("_x32", 0.0), ("_sq", np.inf), ("_key", -1), ("_count", 0),
+        new = old + max(1024, old // 4)  # not doubling: at 100k faces a doubled copy is 100 MB more
+        for name, fill in (("_x32", 0.0), ("_sq", np.inf), ("_key", -1), ("_count", 0),
                            ("_core", False), ("_ncore", -1), ("_ncd", np.inf), ("_label", -1)):
             arr = getattr(self, name)
             grown = np.full((new,) + arr.shape[1:], fill, dtype=arr.dtype)
@@ -86,7 +90,6 @@ class IncrementalDBSCAN:
         if not self._free:
             self._grow()
         r = self._free.pop()
-        self._x64[r] = vec
         self._x32[r] = vec
         self._sq[r] = float(self._x32[r] @ self._x32[r])
         self._key[r] = key
@@ -106,7 +109,7 @@ class IncrementalDBSCAN:
         cand = np.flatnonzero(d2 <= (radius + _SLACK) ** 2)  # free rows have inf norm
         if len(cand) == 0:
             return cand, np.zeros(0)
-        d = np.sqrt(((self._x64[cand] - vec64) ** 2).sum(axis=1))
+        d = np.sqrt(((self._x32[cand] - vec64) ** 2).sum(axis=1))
         keep = d <= radius
         return cand[keep], d[keep]
 
@@ -118,28 +121,28 @@ class IncrementalDBSCAN:
     def within_many(self, vectors: np.ndarray, radius: float) -> list[tuple[np.ndarray, np.ndarray]]:
         """:meth:`within` for several vectors at once, with float32-accurate distances (membership
         is exact): see :func:`radius_query`."""
-        return radius_query(self._x32, self._sq, self._x64, self._key, vectors, radius)
+        return radius_query(self._x32, self._sq, self._key, vectors, radius)
 
     def nearest(self, vectors: np.ndarray, k: int, exclude: set[int] | None = None):
         """Exact k nearest stored points for each vector: (distances, keys), both (n, k')."""
         vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float64))
         alive = np.flatnonzero(self._key >= 0)
+        x = self._x32[alive].astype(np.float64)
         if exclude:
             alive = alive[~np.isin(self._key[alive], list(exclude))]
         k = min(k, len(alive))
         d = np.sqrt(np.maximum(
-            (self._x64[alive] ** 2).sum(1)[None, :] + (vectors ** 2).sum(1)[:, None]
-            - 2 * vectors @ self._x64[alive].T, 0))
+            (x ** 2).sum(1)[None, :] + (vectors ** 2).sum(1)[:, None] - 2 * vectors @ x.T, 0))
         idx = np.argsort(d, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(d, idx, 1), self._key[alive][idx]
 
     def vectors(self, keys: Sequence[int]) -> np.ndarray:
         """Encodings of ``keys`` as one (n, dim) array."""
         row = self._row
-        return self._x64[[row[k] for k in keys]]
+        return self._x32[[row[k] for k in keys]].astype(np.float64)
 
     def vector(self, key: int) -> np.ndarray:
-        return self._x64[self._row[key]].copy()
+        return self._x32[self._row[key]].astype(np.float64)
 
     def label(self, key: int) -> int:
         return int(self._label[self._row[key]])
@@ -184,7 +187,7 @@ class IncrementalDBSCAN:
         return (d, self._key[r]) < (than_d, self._key[than_r])
 
     def _nearest_core(self, r: int) -> tuple[int, float]:
-        rows, d = self._within_rows(self._x64[r], self.eps)
+        rows, d = self._within_rows(self._x32[r].astype(np.float64), self.eps)
         best, best_d = -1, np.inf
         for q, dq in zip(rows.tolist(), d.tolist()):
             if q != r and self._core[q] and self._better(dq, q, best_d, best):
@@ -207,7 +210,8 @@ class IncrementalDBSCAN:
 
     # ---- insert ------------------------------------------------------------------------------
     def insert(self, keys: Sequence[int], vectors: np.ndarray) -> Update:
-        vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float64))
+        """Add points (stored in float32, see the module docstring)."""
+        vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32)).astype(np.float64)
         upd = Update()
         for key, vec in zip(keys, vectors):
             key = int(key)
@@ -230,7 +234,7 @@ class IncrementalDBSCAN:
         for q in rows[(~self._core[rows]) & (self._count[rows] >= self.min_samples)].tolist():
             if q == r:
                 continue
-            qr, qd = self._within_rows(self._x64[q], self.eps)
+            qr, qd = self._within_rows(self._x32[q].astype(np.float64), self.eps)
             k = qr != q
             new_cores.append((q, qr[k], qd[k]))
         for c, nrows, ndist in new_cores:
@@ -275,7 +279,7 @@ class IncrementalDBSCAN:
 
     def _delete_one(self, key: int, upd: Update) -> None:
         r = self._row.pop(key)
-        rows, _ = self._within_rows(self._x64[r], self.eps)
+        rows, _ = self._within_rows(self._x32[r].astype(np.float64), self.eps)
         rows = rows[rows != r]
         was_core, lab = bool(self._core[r]), int(self._label[r])
         if lab >= 0:
@@ -306,7 +310,7 @@ class IncrementalDBSCAN:
             from scipy.sparse import csr_matrix
             from scipy.sparse.csgraph import connected_components
 
-            x = self._x64[cores]
+            x = self._x32[cores].astype(np.float64)
             sq = (x * x).sum(1)
             d2 = sq[:, None] + sq[None, :] - 2 * x @ x.T
             cand = d2 <= (self.eps + _SLACK) ** 2
@@ -334,15 +338,14 @@ class IncrementalDBSCAN:
     def build(cls, eps: float, min_samples: int, keys: Sequence[int], vectors: np.ndarray,
               dim: int = 128, block: int = 128) -> "IncrementalDBSCAN":
         """Start-up from the store: a blocked self-join instead of n inserts."""
-        vectors = np.asarray(vectors, dtype=np.float64).reshape(len(keys), dim)
+        vectors = np.asarray(vectors, dtype=np.float32).reshape(len(keys), dim)
         n = len(keys)
-        cap = n + 1024  # room for new faces; grows by doubling later
+        cap = n + max(1024, n // 8)  # room for new faces; grows by a quarter later
         eng = cls(eps, min_samples, dim, capacity=cap)
         if n == 0:
             return eng
-        eng._x64[:n] = vectors
         eng._x32[:n] = vectors
-        eng._sq[:n] = (eng._x32[:n] ** 2).sum(1)
+        eng._sq[:n] = np.einsum("ij,ij->i", eng._x32[:n], eng._x32[:n])
         eng._key[:n] = np.asarray(keys, dtype=np.int64)
         eng._row = {int(k): i for i, k in enumerate(keys)}
         eng._free = list(range(cap - 1, n - 1, -1))
@@ -367,13 +370,13 @@ class IncrementalDBSCAN:
             if edge.any():
                 ok = np.ones(len(i), dtype=bool)
                 ei, ej = i[edge], j[edge]
-                ok[edge] = np.sqrt(((eng._x64[ei] - eng._x64[ej]) ** 2).sum(1)) <= eps
+                ok[edge] = np.sqrt(((eng._x32[ei].astype(np.float64) - eng._x32[ej]) ** 2).sum(1)) <= eps
                 i, j = i[ok], j[ok]
             d = None
             if need_distance is not None:
                 sel = need_distance[i]
                 d = np.full(len(i), np.inf)
-                d[sel] = np.sqrt(((eng._x64[i[sel]] - eng._x64[j[sel]]) ** 2).sum(1))
+                d[sel] = np.sqrt(((eng._x32[i[sel]].astype(np.float64) - eng._x32[j[sel]]) ** 2).sum(1))
             return i, j, d
 
         counts = np.ones(n, dtype=np.int64)
@@ -434,7 +437,7 @@ class IncrementalDBSCAN:
         return eng
 
 
-def radius_query(x32: np.ndarray, sq: np.ndarray, x64: np.ndarray, keys: np.ndarray,
+def radius_query(x32: np.ndarray, sq: np.ndarray, keys: np.ndarray,
                  vectors: np.ndarray, radius: float, block: int = 64) -> list[tuple[np.ndarray, np.ndarray]]:
     """For each vector, the keys of the rows within ``radius`` and their distances.
 
@@ -458,7 +461,7 @@ def radius_query(x32: np.ndarray, sq: np.ndarray, x64: np.ndarray, keys: np.ndar
             dc = np.maximum(row[cand], 0.0).astype(np.float64)
             edge = np.flatnonzero(dc > lo)
             if len(edge):
-                dc[edge] = ((x64[cand[edge]] - vec) ** 2).sum(1)
+                dc[edge] = ((x32[cand[edge]].astype(np.float64) - vec) ** 2).sum(1)
                 keep = dc <= radius * radius
                 cand, dc = cand[keep], dc[keep]
             out.append((keys[cand], np.sqrt(dc)))
@@ -494,7 +497,7 @@ def _write_state(fh, eng: IncrementalDBSCAN, rows: np.ndarray, ncore: np.ndarray
         fh,
         params=np.array([eng.eps, eng.min_samples, eng.dim], dtype=np.float64),
         keys=eng._key[rows],
-        x=eng._x64[rows],
+        x=eng._x32[rows],
         count=eng._count[rows],
         core=eng._core[rows],
         ncore_key=np.where(ncore >= 0, eng._key[np.maximum(ncore, 0)], -1),
@@ -513,10 +516,11 @@ def load_state(path, eps: float, min_samples: int, dim: int = 128) -> Incrementa
                 return None
             keys, x = z["keys"], z["x"]
             n = len(keys)
-            eng = IncrementalDBSCAN(eps, min_samples, dim, capacity=n + 1024)
-            eng._x64[:n] = x
+            if x.dtype != np.float32:  # a state saved before points were kept in float32
+                return None
+            eng = IncrementalDBSCAN(eps, min_samples, dim, capacity=n + max(1024, n // 8))
             eng._x32[:n] = x
-            eng._sq[:n] = (eng._x32[:n] ** 2).sum(1)
+            eng._sq[:n] = np.einsum("ij,ij->i", eng._x32[:n], eng._x32[:n])
             eng._key[:n] = keys
             eng._count[:n] = z["count"]
             eng._core[:n] = z["core"]

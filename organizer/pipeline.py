@@ -282,10 +282,12 @@ class Organizer:
             self._start_engine()
             return
         engine, people = self._engine, self._people
-        current = self.store.usable_ids(d.min_face_size, d.min_sharpness)
-        known = set(self._meta)
-        added = sorted(current - known)
-        deleted = sorted(known - current)
+        # what changed since the last update, without an O(faces) query: new faces have higher
+        # ids (ids only grow), deleted ones are logged by a trigger in the store
+        top = self.store.max_face_id()
+        added = sorted(self.store.usable_ids(d.min_face_size, d.min_sharpness, after=self._seen_face_id))
+        self._seen_face_id = max(self._seen_face_id, top)
+        deleted = sorted(f for f in self.store.take_removed_faces() if f in self._meta)
         if not added and not deleted and not self.store.unassigned_faces():
             return
         touched_faces: set[int] = set()
@@ -303,7 +305,7 @@ class Organizer:
             upd = engine.insert(ids.tolist(), enc)
             touched_faces |= upd.changed_keys
             touched_labels |= upd.touched_labels
-        touched_faces &= current
+        touched_faces = {f for f in touched_faces if f in engine}
         result = people.derive(
             {lab: m for lab in sorted(touched_labels) if (m := engine.members(lab))},
             vec=engine.vector,
@@ -311,7 +313,7 @@ class Organizer:
             quality=lambda f: self._meta[f][1],
             within_many=engine.within_many,
             vecs=engine.vectors,
-            all_faces=current,
+            all_faces=engine,  # `in` is all derive needs of it
             previous=people.cid,  # read before it changes; no O(n) copy per update
             next_id=self.store.next_cluster_id(),
             touched_faces=touched_faces,
@@ -328,6 +330,8 @@ class Organizer:
         """Build the engine from the store (start-up); re-derive people only if the saved
         clustering is stale (a crash between two commits, or changed settings)."""
         c, d = self.settings.clustering, self.settings.detection
+        self.store.take_removed_faces()  # the engine is reconciled with every face below
+        self._seen_face_id = self.store.max_face_id()
         ids, shas, enc, sharp, size = self.store.usable_encodings(d.min_face_size, d.min_sharpness)
         self._engine = self._load_engine(ids, enc)
         self._meta = {int(f): (shas[i], _quality(sharp[i], size[i])) for i, f in enumerate(ids)}
@@ -392,13 +396,14 @@ class Organizer:
         assignments = {
             f: (a.cluster_id, a.doubtful, a.reason, a.nearest_cluster) for f, a in result.assignments.items()
         }
-        ids, _, enc, _, _ = self.store.usable_encodings(d.min_face_size, d.min_sharpness, usable=False)
-        pending = self.store.unassigned_faces()
+        if full:
+            ids, _, enc, _, _ = self.store.usable_encodings(d.min_face_size, d.min_sharpness, usable=False)
+        else:  # only faces not yet given a reason: no O(faces) query per update
+            ids, _, enc, _, _ = self.store.unusable_pending(d.min_face_size, d.min_sharpness)
         for i, f in enumerate(ids.tolist()):
-            if full or f in pending:
-                near, dist = unusable_hint(enc[i], self.settings.clustering.eps)
-                best = sorted((dd, cid[g]) for g, dd in zip(near.tolist(), dist.tolist()) if cid.get(g) is not None)
-                assignments[f] = (None, True, REASON_UNUSABLE, best[0][1] if best else None)
+            near, dist = unusable_hint(enc[i], self.settings.clustering.eps)
+            best = sorted((dd, cid[g]) for g, dd in zip(near.tolist(), dist.tolist()) if cid.get(g) is not None)
+            assignments[f] = (None, True, REASON_UNUSABLE, best[0][1] if best else None)
         self.store.save_clustering(
             assignments, result.clusters, result.removed, result.next_id, full=full, fingerprint=self._fingerprint()
         )

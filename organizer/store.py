@@ -96,6 +96,17 @@ def m002_face_ids_never_reused(db: sqlite_utils.Database) -> None:
     db["meta"].upsert({"key": "next_face_id", "value": str(top + 1)}, pk="key")
 
 
+@migrations()
+def m003_removed_faces_log(db: sqlite_utils.Database) -> None:
+    """Deleted face ids are logged by a trigger (whatever deletes them, hand edits included), so
+    the clustering learns of removals without comparing every face id on each update."""
+    db.execute("create table if not exists removed_faces (id integer primary key)")
+    db.execute(
+        "create trigger if not exists faces_removed after delete on faces"
+        " begin insert or ignore into removed_faces (id) values (old.id); end"
+    )
+
+
 @dataclass
 class Face:
     id: int
@@ -194,7 +205,9 @@ def _face_arrays(rows):
     ids = np.array([r[0] for r in rows], dtype=np.int64)
     shas = np.array([r[1] for r in rows], dtype=object)
     enc = (
+        # float32 values, as dlib computes them (and as the clustering engine keeps them)
         np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float64).reshape(len(rows), -1)
+        .astype(np.float32).astype(np.float64)
         if rows
         else np.zeros((0, 128))
     )
@@ -411,9 +424,30 @@ class Store:
         ).fetchall()
         return _face_arrays(rows)
 
-    def usable_ids(self, min_size: int, min_sharpness: float) -> set[int]:
+    def usable_ids(self, min_size: int, min_sharpness: float, after: int = 0) -> set[int]:
+        """Ids of the faces fit for clustering (with an id above ``after``: a primary-key range,
+        cheap however many faces there are)."""
         return {r[0] for r in self.db.execute(
-            "select id from faces where size>=? and sharpness>=?", [min_size, min_sharpness])}
+            "select id from faces where id>? and size>=? and sharpness>=?", [after, min_size, min_sharpness])}
+
+    def max_face_id(self) -> int:
+        return self.db.execute("select coalesce(max(id), 0) from faces").fetchone()[0]
+
+    def take_removed_faces(self) -> set[int]:
+        """Ids of the faces deleted since the last call; the log is emptied."""
+        with self.db.atomic():
+            ids = {r[0] for r in self.db.execute("select id from removed_faces")}
+            self.db.execute("delete from removed_faces")
+        return ids
+
+    def unusable_pending(self, min_size: int, min_sharpness: float):
+        """Like :meth:`usable_encodings` (usable=False), for faces not yet given a doubt reason."""
+        rows = self.db.execute(
+            "select id, sha256, encoding, sharpness, size from faces where cluster_id is null"
+            " and doubt_reason is null and not (size>=? and sharpness>=?) order by id",
+            [min_size, min_sharpness],
+        ).fetchall()
+        return _face_arrays(rows)
 
     def faces_by_id(self, ids: Iterable[int]):
         """Like :meth:`usable_encodings`, for the given face ids."""

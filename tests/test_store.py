@@ -31,3 +31,23 @@ def test_face_ids_are_never_reused(tmp_path):
         store.record_batch([("/p/c.jpg", "c" * 64, 1, 1.0, _photo("/p/c.jpg", 1, 3))], [], [])
         third = {f.id for f in store.faces()} - second
     assert len(third) == 1 and min(third) > max(second)
+
+
+def test_deleted_faces_are_logged_for_the_clustering(tmp_path):
+    """The clustering learns of deleted faces from a log a trigger fills (no comparison of every
+    face id per update): deletions by the store and by hand (sqlite3) alike; each is told once."""
+    with Store.open(tmp_path / "o.db") as store:
+        store.record_batch([("/p/a.jpg", "a" * 64, 1, 1.0, _photo("/p/a.jpg", 2, 1)),
+                            ("/p/b.jpg", "b" * 64, 1, 1.0, _photo("/p/b.jpg", 2, 2))], [], [])
+        ids = {f.sha256[0]: set() for f in store.faces()}
+        for f in store.faces():
+            ids[f.sha256[0]].add(f.id)
+        assert store.take_removed_faces() == set()
+        assert store.usable_ids(0, 0.0, after=min(ids["a"])) == (ids["a"] | ids["b"]) - {min(ids["a"])}
+        store.remove_photos(["/p/a.jpg"])
+        assert store.take_removed_faces() == ids["a"]
+        assert store.take_removed_faces() == set()
+        victim = min(ids["b"])
+        with store.db.conn:
+            store.db.conn.execute("delete from faces where id=?", [victim])  # a hand edit
+        assert store.take_removed_faces() == {victim}
