@@ -233,6 +233,7 @@ def match_ids(
     previous: dict[int, int | None],
     next_id: int,
     reserved: Iterable[int] = (),
+    overlaps: Sequence[Counter] | None = None,
 ) -> tuple[list[int], int]:
     """Give each group (list of face ids) a cluster id, reusing previous ids by overlap.
 
@@ -244,7 +245,8 @@ def match_ids(
     taken: set[int] = set(reserved)
     candidates = []  # (-overlap, -group size, old id, group index)
     for gi, members in enumerate(groups):
-        counts = Counter(previous.get(f) for f in members)
+        # ``overlaps``: the same counts, computed by the caller (vectorised)
+        counts = Counter(previous.get(f) for f in members) if overlaps is None else overlaps[gi]
         counts.pop(None, None)
         for old, n in counts.items():
             candidates.append((-n, -len(members), old, gi))
@@ -255,7 +257,7 @@ def match_ids(
             ids[gi] = old
             taken.add(old)
     # fresh ids in a deterministic order: bigger groups first, then by smallest face id
-    order = sorted(range(len(groups)), key=lambda g: (-len(groups[g]), min(groups[g])))
+    order = sorted(range(len(groups)), key=lambda g: (-len(groups[g]), int(min(groups[g]))))
     for gi in order:
         if ids[gi] is None:
             ids[gi] = next_id
@@ -264,10 +266,9 @@ def match_ids(
 
 
 def representative(members: Sequence[int], vecs: Callable[[list[int]], np.ndarray], quality: Callable[[int], float]) -> int:
-    """The most central, sharpest face: best quality among the most central half (of a fixed
-    sample of ``REFINE_SAMPLE`` faces for big clusters, so an update stays cheap)."""
-    members = np.sort(np.fromiter(members, np.int64, len(members)))
-    members = members[refinement_sample(members)].tolist()
+    """The most central, sharpest face: best quality among the most central half.
+    (People passes a fixed sample of at most ``REFINE_SAMPLE`` faces of a big cluster.)"""
+    members = sorted(members)
     sub = vecs(members)
     d = np.linalg.norm(sub - sub.mean(axis=0), axis=1)
     central = np.argsort(d, kind="stable")[: max(1, (len(members) + 1) // 2)]
@@ -319,7 +320,8 @@ class People:
         self.raw: dict[int, FaceAssignment] = {}
         self._confident: dict[int, int] = {}  # cluster id -> faces whose raw decision is confident
         self._lonely: set[int] = set()  # cluster ids with fewer than min_confident confident faces
-        self._cid_arr = np.full(1024, -1, dtype=np.int64)  # cid by face id, for vectorised lookups
+        self._cid_arr = np.full(1024, -2, dtype=np.int64)  # cid by face id (-1 noise, -2 unknown)
+        self._near_d = np.full((1024, 2), np.inf)  # own and other distance by face id (vectorised)
 
     def _set_cid(self, f: int, c: int | None) -> None:
         old = self.cid.get(f)
@@ -331,12 +333,12 @@ class People:
         if c is not None:
             self.members.setdefault(c, set()).add(f)
         if f >= len(self._cid_arr):
-            self._cid_arr = np.concatenate([self._cid_arr, np.full(max(f + 1, 2 * len(self._cid_arr)), -1)])
+            self._cid_arr = np.concatenate([self._cid_arr, np.full(max(f + 1, 2 * len(self._cid_arr)), -2)])
         self._cid_arr[f] = -1 if c is None else c
 
     def _cids(self, faces: np.ndarray) -> np.ndarray:
-        """Cluster id per face id (-1: noise or unknown), vectorised."""
-        out = np.full(len(faces), -1, dtype=np.int64)
+        """Cluster id per face id (-1: noise, -2: unknown), vectorised."""
+        out = np.full(len(faces), -2, dtype=np.int64)
         inside = faces < len(self._cid_arr)
         out[inside] = self._cid_arr[faces[inside]]
         return out
@@ -399,6 +401,11 @@ class People:
             if old >= 0 and old in self._refs:
                 self._refs[old].discard(f)
         self.own[f], self.other[f] = own, other
+        if f >= len(self._near_d):
+            grown = np.full((max(f + 1, 2 * len(self._near_d)), 2), np.inf)
+            grown[: len(self._near_d)] = self._near_d
+            self._near_d = grown
+        self._near_d[f] = own[0], other[0]
         for new in (own[1], other[1]):
             if new >= 0:
                 self._refs.setdefault(new, set()).add(f)
@@ -476,45 +483,57 @@ class People:
             self._set_near(f, _NONE, _NONE)
             for d in (self.cid, self.assign, self.own, self.other, self._reason):
                 d.pop(f, None)
-        groups: list[list[int]] = []
+            self._cid_arr[f] = -2
+        groups: list[np.ndarray] = []
         reasons: dict[int, str] = {}
-        in_scope: set[int] = set()
+        in_scope: list[np.ndarray] = []
         for label in sorted(clusters):
-            members = sorted(clusters[label])
-            in_scope.update(members)
-            ids = np.array(members)
-            ph = np.array([photo(f) for f in members], dtype=object)
+            ids = np.asarray(sorted(clusters[label]), dtype=np.int64)
+            in_scope.append(ids)
+            ph = np.array([photo(f) for f in ids.tolist()], dtype=object)
             g, r = split_cluster(ids, lambda idx, ids=ids: self._vecs(ids[idx].tolist()), ph, eps,
                                  self.cfg, self.refine)
-            groups += g
+            groups += [np.asarray(x, dtype=np.int64) for x in g]
             reasons.update(r)
+        # The faces in scope as one sorted array; from here on, work on a touched cluster of
+        # thousands of faces is vectorised, and only faces whose person changes cost Python time.
         if full:
-            scope = set(all_faces)
+            scope = np.asarray(sorted(all_faces), dtype=np.int64)
         else:  # members of live clusters are live faces; only touched faces may have left
-            scope = in_scope | {f for f in touched_faces or () if f in all_faces}
-        old_ids = {previous.get(f) for f in scope} | set(old_cid.values())
+            extra = [f for f in touched_faces or () if f in all_faces]
+            scope = np.unique(np.concatenate(in_scope + [np.asarray(extra, dtype=np.int64)]))
+        current = self._cids(scope)  # before this update (-2: a new face)
+        if full:
+            old_ids = {previous.get(f) for f in scope.tolist()} | set(old_cid.values())
+
+            def overlap(g: np.ndarray) -> Counter:
+                return Counter(previous.get(f) for f in g.tolist())
+        else:  # ``previous`` is the current state (self.cid): read it from the array
+            old_ids = set(np.unique(current[current >= 0]).tolist()) | set(old_cid.values())
+
+            def overlap(g: np.ndarray) -> Counter:
+                c, n = np.unique(self._cids(g), return_counts=True)
+                return Counter({int(a): int(b) for a, b in zip(c, n) if a >= 0})
         old_ids.discard(None)
         # ids still used by faces outside this update must not be handed to a group inside it
         reserved: set[int] = set()
         if not full:
-            inside = {self.cid.get(f) for f in scope} - {None}
-            reserved = set(self.members) - {c for c in inside if self.members[c] <= scope}
-        new_ids, next_id = match_ids(groups, previous, next_id, reserved)
-        new_cid: dict[int, int] = {}
+            inside, n_inside = np.unique(current[current >= 0], return_counts=True)
+            whole = {int(c) for c, n in zip(inside, n_inside) if n == len(self.members[int(c)])}
+            reserved = set(self.members) - whole
+        new_ids, next_id = match_ids(groups, previous, next_id, reserved, overlaps=[overlap(g) for g in groups])
+        new = np.full(len(scope), -1, dtype=np.int64)
         for gid, members in zip(new_ids, groups):
-            new_cid.update(dict.fromkeys(members, gid))
-        changed = []
+            new[np.searchsorted(scope, members)] = gid
+        moved = np.flatnonzero(current != new)
         cid, reason = self.cid, self._reason
-        for f in scope:  # one pass; only faces whose person changed pay for bookkeeping
-            c = new_cid.get(f)
-            if f not in cid or cid[f] != c:
-                self._set_cid(f, c)
-                changed.append(f)
-            if c is None:
-                reason[f] = reasons.get(f, REASON_NOISE)
-            elif f in reason:
-                del reason[f]
-        changed = sorted(all_faces) if full else sorted(changed)
+        for f, c in zip(scope[moved].tolist(), new[moved].tolist()):
+            self._set_cid(f, c if c >= 0 else None)
+            if c >= 0:
+                reason.pop(f, None)
+        for f in scope[new < 0].tolist():
+            reason[f] = reasons.get(f, REASON_NOISE)
+        changed = scope.tolist() if full else scope[moved].tolist()
         changed_set = set(changed)
 
         # nearest own/other faces: recompute the changed faces and the faces whose recorded
@@ -531,8 +550,15 @@ class People:
                 cf = self.cid[f]
                 if cf is None:
                     continue
-                for g, d in zip(near.tolist(), dist.tolist()):
-                    if g == f or g in changed_set or g in redo or g not in all_faces:
+                # only neighbours that f may be nearer to than their recorded nearest (vectorised
+                # screen over what can be thousands of neighbours in a big cluster)
+                mine = self._cids(near) == cf
+                inside = near < len(self._near_d)
+                best_d = np.full(len(near), np.inf)
+                best_d[inside] = np.where(mine[inside], self._near_d[near[inside], 0], self._near_d[near[inside], 1])
+                maybe = np.flatnonzero((near != f) & (dist * dist <= best_d * best_d + _TIE2))
+                for g, d in zip(near[maybe].tolist(), dist[maybe].tolist()):
+                    if g in changed_set or g in redo or g not in all_faces:
                         continue
                     own, other = self.own.get(g, _NONE), self.other.get(g, _NONE)
                     mine = self.cid.get(g) == cf
@@ -578,7 +604,9 @@ class People:
             members = self.members.get(c, set())
             if not members:
                 continue
-            confident = [f for f in members if not self.assign[f].doubtful] or list(members)
+            ids = np.sort(np.fromiter(members, np.int64, len(members)))
+            sample = ids[refinement_sample(ids)].tolist()  # all of them, up to REFINE_SAMPLE
+            confident = [f for f in sample if not self.assign[f].doubtful] or sample
             result.clusters[c] = (len(members), representative(confident, self._vecs, quality))
         result.removed = {c for c in old_ids if c not in self.members}
         return result

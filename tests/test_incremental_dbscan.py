@@ -137,3 +137,26 @@ def test_saved_state_round_trip(tmp_path):
     for k in (10, 11, 12, 13):
         del pts[k]
     assert_same_as_sklearn(loaded, pts)
+
+
+def test_neighbourhoods_of_just_inserted_points_match_a_fresh_query():
+    """within_many answers points of the last insert from their insertion query (kept up to
+    date as later points of the same call arrive); it must equal a query over the matrix."""
+    from organizer.incremental_dbscan import radius_query
+
+    rng = np.random.default_rng(3)
+    centre = rng.normal(0, 0.05, 128)
+    base = centre + rng.normal(0, 0.02, (40, 128))
+    eng = IncrementalDBSCAN(0.5, 3)
+    eng.insert(range(40), base)
+    new = np.vstack([centre + rng.normal(0, 0.02, (4, 128)), base[:1], base[:1]])  # and two duplicates
+    eng.insert(range(100, 106), new)
+    got = eng.within_many(new, 0.5)
+    want = radius_query(eng._x32, eng._sq, eng._key, new, 0.5)
+    for (gk, gd), (wk, wd) in zip(got, want):
+        assert sorted(gk.tolist()) == sorted(wk.tolist())
+        order_g, order_w = np.argsort(gk), np.argsort(wk)
+        assert np.allclose(gd[order_g] ** 2, wd[order_w] ** 2, atol=1e-5)  # float32-accurate squares
+    assert eng._fresh  # the shortcut was really used for the four distinct new points
+    eng.delete([100])
+    assert not eng._fresh
