@@ -246,18 +246,34 @@ class IncrementalDBSCAN:
         """Add points (stored in float32, see the module docstring)."""
         vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32)).astype(np.float64)
         self._fresh, self._fresh_rows = {}, {}
-        upd = Update()
-        for key, vec in zip(keys, vectors):
-            key = int(key)
+        keys = [int(k) for k in keys]
+        for key in keys:
             if key in self._row:
                 raise KeyError(f"key {key} is already present")
-            self._insert_one(key, vec, upd)
+        if len(set(keys)) != len(keys):
+            raise KeyError("duplicate keys in one insert")
+        # one pass over the matrix for all the new points (a photo's faces): the pass is
+        # memory-bound, so k points at once cost little more than one
+        existing = radius_query(self._x32, self._sq, np.arange(len(self._key)), vectors, self.eps)
+        upd = Update()
+        added: list[int] = []
+        for key, vec, (rows, dist) in zip(keys, vectors, existing):
+            self._insert_one(key, vec, upd, rows, dist, added)
         return self._finish(upd)
 
-    def _insert_one(self, key: int, vec: np.ndarray, upd: Update) -> None:
+    def _insert_one(self, key: int, vec: np.ndarray, upd: Update, rows: np.ndarray, dist: np.ndarray,
+                    added: list[int]) -> None:
+        """Insert one point; ``rows``/``dist``: its neighbours among the points that were there
+        before this insert() call, ``added``: rows inserted earlier in the call."""
         r = self._alloc(key, vec)
         upd.changed_keys.add(key)
-        rows, dist = self._within_rows(vec, self.eps)
+        if added:
+            earlier = np.asarray(added, dtype=np.int64)
+            d = self._exact(earlier, vec)
+            near = d <= self.eps
+            rows, dist = np.concatenate([rows, earlier[near]]), np.concatenate([dist, d[near]])
+        added.append(r)
+        rows, dist = np.append(rows, r), np.append(dist, 0.0)
         self._remember(r, rows, dist)
         rows = rows[rows != r]
         self._count[r] = len(rows) + 1
@@ -393,7 +409,7 @@ class IncrementalDBSCAN:
         """Start-up from the store: a blocked self-join instead of n inserts."""
         vectors = np.asarray(vectors, dtype=np.float32).reshape(len(keys), dim)
         n = len(keys)
-        cap = n + max(1024, n // 8)  # room for new faces; grows by a quarter later
+        cap = n + _spare(n)  # room for new faces; grows by a quarter later
         eng = cls(eps, min_samples, dim, capacity=cap)
         if n == 0:
             return eng
@@ -523,6 +539,11 @@ def radius_query(x32: np.ndarray, sq: np.ndarray, keys: np.ndarray,
     return out
 
 
+def _spare(n: int) -> int:
+    """Free rows kept beyond n points."""
+    return max(1024, n // 8)
+
+
 def _roots(parent: np.ndarray, a: np.ndarray) -> np.ndarray:
     """Roots of ``a`` in a union-find parent array (with path compression)."""
     a = np.asarray(a)
@@ -552,7 +573,8 @@ def _write_state(fh, eng: IncrementalDBSCAN, rows: np.ndarray, ncore: np.ndarray
         fh,
         params=np.array([eng.eps, eng.min_samples, eng.dim], dtype=np.float64),
         keys=eng._key[rows],
-        x=eng._x32[rows],
+        # padded with room for new points, so loading needs no second copy of the matrix
+        x=np.concatenate([eng._x32[rows], np.zeros((_spare(len(rows)), eng.dim), np.float32)]),
         count=eng._count[rows],
         core=eng._core[rows],
         ncore_key=np.where(ncore >= 0, eng._key[np.maximum(ncore, 0)], -1),
@@ -573,8 +595,11 @@ def load_state(path, eps: float, min_samples: int, dim: int = 128) -> Incrementa
             n = len(keys)
             if x.dtype != np.float32:  # a state saved before points were kept in float32
                 return None
-            eng = IncrementalDBSCAN(eps, min_samples, dim, capacity=n + max(1024, n // 8))
-            eng._x32[:n] = x
+            eng = IncrementalDBSCAN(eps, min_samples, dim, capacity=max(len(x), n + 1))
+            if len(x) > n and x.shape[1] == dim:
+                eng._x32 = x  # the padded matrix as loaded (rows past n are zeros)
+            else:
+                eng._x32[:n] = x
             eng._sq[:n] = np.einsum("ij,ij->i", eng._x32[:n], eng._x32[:n])
             eng._key[:n] = keys
             eng._count[:n] = z["count"]
