@@ -360,21 +360,44 @@ class People:
         j = np.lexsort((near[close], exact))[0]
         return float(exact[j]), int(near[close][j])
 
-    def load(self, saved: dict[int, tuple], faces: Iterable[int], vec, within_many) -> None:
-        """Resume from a saved clustering (clean store): ids and doubt from the store, nearest
-        faces recomputed (needed for later incremental updates)."""
+    def load(self, saved: dict[int, tuple], faces: Iterable[int], vec, within_many, vecs=None,
+             near: dict[str, np.ndarray] | None = None) -> bool:
+        """Resume from a saved clustering (clean store): ids and doubt from the store. The nearest
+        own/other faces (needed for later updates) come from ``near`` (:meth:`near_state` saved at
+        the last shutdown) when it was made for exactly these faces and ids - they are a function
+        of those alone - and are recomputed otherwise (minutes at 100k faces). True if reused."""
         faces = sorted(faces)
-        self._vecs = lambda keys: np.stack([vec(f) for f in keys])
+        self._vecs = vecs or (lambda keys: np.stack([vec(f) for f in keys]))
         for f in faces:
-            cid, doubtful, reason, near = saved[f]
+            cid, doubtful, reason, hint = saved[f]
             self._set_cid(f, cid)
-            self.assign[f] = FaceAssignment(cid, doubtful, reason, near)
+            self.assign[f] = FaceAssignment(cid, doubtful, reason, hint)
             if reason and cid is None:
                 self._reason[f] = reason
-        self._recompute(faces, vec, within_many)
+        arr = np.asarray(faces, dtype=np.int64)
+        reuse = (near is not None and np.array_equal(near.get("faces"), arr)
+                 and np.array_equal(near.get("cid"), self._cids(arr)))
+        if reuse:
+            for f, od, of, xd, xf in zip(faces, near["own_d"].tolist(), near["own_f"].tolist(),
+                                         near["other_d"].tolist(), near["other_f"].tolist()):
+                self._set_near(f, (od, of), (xd, xf))
+        else:
+            self._recompute(faces, vec, within_many)
         for f in faces:
             self._set_raw(f, self._decide(f))
         self._lonely = {c for c in self.members if self._confident.get(c, 0) < self.min_confident}
+        return reuse
+
+    def near_state(self) -> dict[str, np.ndarray]:
+        """The nearest own/other faces of every face, as arrays (saved at shutdown for :meth:`load`)."""
+        faces = np.asarray(sorted(self.cid), dtype=np.int64)
+        own = [self.own.get(f, _NONE) for f in faces.tolist()]
+        other = [self.other.get(f, _NONE) for f in faces.tolist()]
+        return {
+            "faces": faces, "cid": self._cids(faces),
+            "own_d": np.array([d for d, _ in own], dtype=np.float64), "own_f": np.array([g for _, g in own], dtype=np.int64),
+            "other_d": np.array([d for d, _ in other], dtype=np.float64), "other_f": np.array([g for _, g in other], dtype=np.int64),
+        }
 
     def _set_raw(self, f: int, a: FaceAssignment | None) -> None:
         old = self.raw.get(f)

@@ -560,12 +560,29 @@ def save_state(eng: IncrementalDBSCAN, path) -> None:
     """Persist the engine (points and their DBSCAN state) atomically to an .npz file."""
     rows = np.flatnonzero(eng._key >= 0)
     ncore = eng._ncore[rows]
+    save_arrays(path, lambda fh: _write_state(fh, eng, rows, ncore))
+
+
+def save_arrays(path, write) -> None:
+    """Write an .npz file atomically: ``write(fh)`` into a temporary file, fsync, rename."""
     tmp = f"{path}.tmp.npz"
     with open(tmp, "wb") as fh:
-        _write_state(fh, eng, rows, ncore)
+        write(fh)
         fh.flush()
         os.fsync(fh.fileno())  # a power cut after the rename must not leave a cut file behind
     os.replace(tmp, path)
+
+
+def load_arrays(path) -> dict[str, np.ndarray] | None:
+    """The arrays of an .npz file; None when missing or unreadable (the caller recomputes)."""
+    try:
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # cut short, not a zip: recompute
+        log.warning("ignoring %s (%s: %s)", path, type(exc).__name__, exc)
+        return None
 
 
 def _write_state(fh, eng: IncrementalDBSCAN, rows: np.ndarray, ncore: np.ndarray) -> None:

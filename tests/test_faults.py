@@ -833,25 +833,31 @@ def test_ctrl_c_in_a_terminal_stops_cleanly(tmp_path):
     assert status_json(output)["failed"] == 0
 
 
-@pytest.mark.parametrize("damage", ["empty", "truncated"])
-def test_damaged_clustering_state_is_rebuilt(tmp_path, damage):
-    """The saved clustering state (<db>.engine.npz) is cut short, as after a power loss or a full
-    disk: the next start must rebuild it from the store instead of failing to start."""
+@pytest.mark.parametrize("which,damage", [("engine", "empty"), ("engine", "truncated"),
+                                          ("people", "truncated"), ("people", "intact")])
+def test_damaged_clustering_state_is_rebuilt(tmp_path, which, damage):
+    """The saved clustering state (<db>.engine.npz, <db>.people.npz) is cut short, as after a
+    power loss or a full disk: the next start must rebuild it from the store instead of failing
+    to start. Intact, the people layer's nearest faces are reused, not recomputed."""
     watch, output = _library(tmp_path, people=(A,))
     svc = _start(watch, output, tmp_path, "first", settle_seconds=0.3)
     try:
         wait_for(lambda: _sorted(output, watch, (A,)), 120, "sorting")
     finally:
         assert svc.stop() == 0
-    state = Path(str(output / ".organizer" / "organizer.db") + ".engine.npz")
-    if not state.exists():
-        pytest.skip("this version keeps no clustering state file")
+    state = Path(str(output / ".organizer" / "organizer.db") + f".{which}.npz")
+    assert state.exists()
     data = state.read_bytes()
-    state.write_bytes(b"" if damage == "empty" else data[: len(data) // 2])
+    if damage != "intact":
+        state.write_bytes(b"" if damage == "empty" else data[: len(data) // 2])
     svc = _start(watch, output, tmp_path, "second", settle_seconds=0.3)
     try:
         wait_for(lambda: "rescan:" in svc.text() or not svc.alive, 120, "the start-up scan")
         assert svc.alive, svc.text()[-3000:]
+        if which == "people":
+            wait_for(lambda: "people loaded" in svc.text(), 60, "the clustering start")
+            reused = "nearest faces from the saved state" in svc.text()
+            assert reused == (damage == "intact"), svc.text()[-3000:]
     finally:
         code = svc.stop()
     assert code == 0, svc.text()[-3000:]

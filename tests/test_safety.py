@@ -87,7 +87,8 @@ def test_nothing_written_outside_output_and_store(tmp_path):
     after = set(os.listdir(tmp_path)) - {"svc.log"}
     assert after == before[tmp_path] - {"late.jpg"}, after ^ before[tmp_path]
     assert {p.name for p in db.parent.iterdir()} <= {
-        "organizer.db", "organizer.db-wal", "organizer.db-shm", "organizer.db.lock", "organizer.db.engine.npz"}
+        "organizer.db", "organizer.db-wal", "organizer.db-shm", "organizer.db.lock", "organizer.db.engine.npz",
+        "organizer.db.people.npz"}
     assert (output / "Grandpa").is_dir()
 
 

@@ -258,3 +258,30 @@ def test_big_cluster_refined_on_a_sample_incrementally_equals_batch():
     ids = np.array(big)
     groups, _ = split_cluster(ids, w.engine.vectors(big), np.array(big, dtype=object), cfg.eps, cfg, recording)
     assert sizes == [REFINE_SAMPLE] and len(groups) >= 2
+
+
+def test_saved_nearest_faces_are_reused_only_when_they_fit():
+    """People.load takes the nearest own/other faces saved at shutdown instead of recomputing
+    them (minutes at 100k faces) - only when they were made for exactly these faces and ids."""
+    rng = np.random.default_rng(5)
+    w = World2(ClusteringConfig(eps=0.5, min_samples=3, doubt_margin=0.2))
+    centres = rng.uniform(0, 3, (5, 2))
+    for k in range(60):
+        w.add(k, centres[k % 5] + rng.normal(0, 0.2, 2))
+    saved = {f: (a.cluster_id, a.doubtful, a.reason, a.nearest_cluster) for f, a in w.people.assign.items()}
+    near = w.people.near_state()
+
+    def fresh(near_state):
+        p = People(w.cfg)
+        reused = p.load(saved, saved, w.engine.vector, w.engine.within_many, near=near_state)
+        return reused, p
+
+    recomputed = fresh(None)[1]
+    reused, p = fresh(near)
+    assert reused and p.own == recomputed.own == w.people.own and p.other == recomputed.other
+    assert p.assign == recomputed.assign and p.raw == recomputed.raw
+    stale = dict(near, cid=near["cid"].copy())
+    stale["cid"][0] += 1  # ids changed since it was saved
+    assert not fresh(stale)[0]
+    fewer = {k: v[1:] for k, v in near.items()}  # a face came or went since
+    assert not fresh(fewer)[0]
