@@ -289,6 +289,16 @@ class Neighbours:
 
 
 _NONE = (np.inf, -1)
+
+
+def _room_for(arr: np.ndarray, f: int, fill) -> np.ndarray:
+    """``arr`` (indexed by face id), grown with ``fill`` if needed so that ``arr[f]`` exists."""
+    if f < len(arr):
+        return arr
+    grown = np.full((max(f + 1, 2 * len(arr)),) + arr.shape[1:], fill, dtype=arr.dtype)
+    grown[: len(arr)] = arr
+    return grown
+
 # Radius queries screen distances in float32 (squared-distance error well under 1e-5 for
 # encodings of norm ~1); faces whose squared distance is within this of the best are re-measured.
 _TIE2 = 4e-5
@@ -332,8 +342,7 @@ class People:
         self.cid[f] = c
         if c is not None:
             self.members.setdefault(c, set()).add(f)
-        if f >= len(self._cid_arr):
-            self._cid_arr = np.concatenate([self._cid_arr, np.full(max(f + 1, 2 * len(self._cid_arr)), -2)])
+        self._cid_arr = _room_for(self._cid_arr, f, -2)
         self._cid_arr[f] = -1 if c is None else c
 
     def _cids(self, faces: np.ndarray) -> np.ndarray:
@@ -424,10 +433,7 @@ class People:
             if old >= 0 and old in self._refs:
                 self._refs[old].discard(f)
         self.own[f], self.other[f] = own, other
-        if f >= len(self._near_d):
-            grown = np.full((max(f + 1, 2 * len(self._near_d)), 2), np.inf)
-            grown[: len(self._near_d)] = self._near_d
-            self._near_d = grown
+        self._near_d = _room_for(self._near_d, f, np.inf)
         self._near_d[f] = own[0], other[0]
         for new in (own[1], other[1]):
             if new >= 0:
@@ -549,7 +555,7 @@ class People:
         for gid, members in zip(new_ids, groups):
             new[np.searchsorted(scope, members)] = gid
         moved = np.flatnonzero(current != new)
-        cid, reason = self.cid, self._reason
+        reason = self._reason
         for f, c in zip(scope[moved].tolist(), new[moved].tolist()):
             self._set_cid(f, c if c >= 0 else None)
             if c >= 0:
@@ -580,17 +586,13 @@ class People:
                 best_d = np.full(len(near), np.inf)
                 best_d[inside] = np.where(mine[inside], self._near_d[near[inside], 0], self._near_d[near[inside], 1])
                 maybe = np.flatnonzero((near != f) & (dist * dist <= best_d * best_d + _TIE2))
-                for g, d in zip(near[maybe].tolist(), dist[maybe].tolist()):
+                for g, same in zip(near[maybe].tolist(), mine[maybe].tolist()):
                     if g in changed_set or g in redo or g not in all_faces:
                         continue
                     own, other = self.own.get(g, _NONE), self.other.get(g, _NONE)
-                    mine = self.cid.get(g) == cf
-                    best = own if mine else other
-                    if d * d > best[0] * best[0] + _TIE2:
-                        continue  # certainly not nearer (d is approximate)
                     d = float(self._exact(g, [f])[0])
-                    if (d, f) < best:
-                        self._set_near(g, (d, f), other) if mine else self._set_near(g, own, (d, f))
+                    if (d, f) < (own if same else other):
+                        self._set_near(g, (d, f), other) if same else self._set_near(g, own, (d, f))
                         patched.add(g)
             self._recompute(sorted(redo), vec, within_many)
         touched = changed_set | redo | patched

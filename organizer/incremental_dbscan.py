@@ -108,32 +108,14 @@ class IncrementalDBSCAN:
 
     # ---- queries -------------------------------------------------------------------------------
     def _within_rows(self, vec64: np.ndarray, radius: float, exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Rows (alive) within ``radius`` of vec (exactly) and their distances: float32-accurate,
-        or exact (float64) with ``exact``. Only candidates near the radius are re-measured, so
-        a query into a cluster of thousands of faces costs one matrix-vector product."""
-        v32 = vec64.astype(np.float32)
-        d2 = self._x32 @ v32
-        d2 *= -2.0
-        d2 += self._sq  # free rows have an infinite norm
-        d2 += float(v32 @ v32)
-        cand = np.flatnonzero(d2 <= (radius + _SLACK) ** 2)
-        if len(cand) == 0:
-            return cand, np.zeros(0)
-        if exact:
-            d = self._exact(cand, vec64)
-            keep = d <= radius
-            return cand[keep], d[keep]
-        dc = np.maximum(d2[cand], 0.0).astype(np.float64)
-        edge = np.flatnonzero(dc > max(radius - _SLACK, 0.0) ** 2)
-        if len(edge):
-            dc[edge] = self._exact(cand[edge], vec64) ** 2
-            keep = dc <= radius * radius
-            cand, dc = cand[keep], dc[keep]
-        return cand, np.sqrt(dc)
+        """Rows (alive) within ``radius`` of vec (exactly) and their distances: float32-accurate
+        (:func:`radius_query`), or exact (float64) with ``exact``."""
+        rows, d = radius_query(self._x32, self._sq, None, vec64, radius)[0]
+        return (rows, self._exact(rows, vec64)) if exact else (rows, d)
 
     def _exact(self, rows: np.ndarray, vec64: np.ndarray) -> np.ndarray:
         """Exact (float64) distances from ``vec64`` to ``rows``."""
-        return np.sqrt(((self._x32[rows].astype(np.float64) - vec64) ** 2).sum(axis=1))
+        return np.sqrt(_sq_dist(self._x32, rows, vec64))
 
     def within(self, vec: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
         """Keys of stored points within ``radius`` of ``vec`` and their (float32-accurate) distances."""
@@ -155,19 +137,6 @@ class IncrementalDBSCAN:
         for i, res in zip(rest, found):
             out[i] = res
         return out
-
-    def nearest(self, vectors: np.ndarray, k: int, exclude: set[int] | None = None):
-        """Exact k nearest stored points for each vector: (distances, keys), both (n, k')."""
-        vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float64))
-        alive = np.flatnonzero(self._key >= 0)
-        x = self._x32[alive].astype(np.float64)
-        if exclude:
-            alive = alive[~np.isin(self._key[alive], list(exclude))]
-        k = min(k, len(alive))
-        d = np.sqrt(np.maximum(
-            (x ** 2).sum(1)[None, :] + (vectors ** 2).sum(1)[:, None] - 2 * vectors @ x.T, 0))
-        idx = np.argsort(d, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(d, idx, 1), self._key[alive][idx]
 
     def vectors(self, keys: Sequence[int]) -> np.ndarray:
         """Encodings of ``keys`` as one (n, dim) array."""
@@ -254,7 +223,7 @@ class IncrementalDBSCAN:
             raise KeyError("duplicate keys in one insert")
         # one pass over the matrix for all the new points (a photo's faces): the pass is
         # memory-bound, so k points at once cost little more than one
-        existing = radius_query(self._x32, self._sq, np.arange(len(self._key)), vectors, self.eps)
+        existing = radius_query(self._x32, self._sq, None, vectors, self.eps)
         upd = Update()
         added: list[int] = []
         for key, vec, (rows, dist) in zip(keys, vectors, existing):
@@ -506,9 +475,15 @@ class IncrementalDBSCAN:
         return eng
 
 
-def radius_query(x32: np.ndarray, sq: np.ndarray, keys: np.ndarray,
+def _sq_dist(x32: np.ndarray, rows: np.ndarray, vec64: np.ndarray) -> np.ndarray:
+    """Exact squared distances (float64) from ``vec64`` to ``x32[rows]``."""
+    return ((x32[rows].astype(np.float64) - vec64) ** 2).sum(axis=1)
+
+
+def radius_query(x32: np.ndarray, sq: np.ndarray, keys: np.ndarray | None,
                  vectors: np.ndarray, radius: float, block: int = 64) -> list[tuple[np.ndarray, np.ndarray]]:
-    """For each vector, the keys of the rows within ``radius`` and their distances.
+    """For each vector, the keys (``keys=None``: the row numbers) of the rows within ``radius``
+    and their distances.
 
     One float32 matrix product per ``block`` vectors screens all rows (rows with an infinite
     squared norm ``sq`` are free and never match). Membership is exact: candidates near the
@@ -532,10 +507,10 @@ def radius_query(x32: np.ndarray, sq: np.ndarray, keys: np.ndarray,
             dc = np.maximum(row[cand], 0.0).astype(np.float64)
             edge = np.flatnonzero(dc > lo)
             if len(edge):
-                dc[edge] = ((x32[cand[edge]].astype(np.float64) - vec) ** 2).sum(1)
+                dc[edge] = _sq_dist(x32, cand[edge], vec)
                 keep = dc <= radius * radius
                 cand, dc = cand[keep], dc[keep]
-            out.append((keys[cand], np.sqrt(dc)))
+            out.append((cand if keys is None else keys[cand], np.sqrt(dc)))
     return out
 
 

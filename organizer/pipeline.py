@@ -407,10 +407,9 @@ class Organizer:
         assignments = {
             f: (a.cluster_id, a.doubtful, a.reason, a.nearest_cluster) for f, a in result.assignments.items()
         }
-        if full:
-            ids, _, enc, _, _ = self.store.usable_encodings(d.min_face_size, d.min_sharpness, usable=False)
-        else:  # only faces not yet given a reason: no O(faces) query per update
-            ids, _, enc, _, _ = self.store.unusable_pending(d.min_face_size, d.min_sharpness)
+        # incremental: only faces not yet given a reason (no O(faces) query per update)
+        ids, _, enc, _, _ = self.store.usable_encodings(d.min_face_size, d.min_sharpness, usable=False,
+                                                        pending=not full)
         for i, f in enumerate(ids.tolist()):
             near, dist = unusable_hint(enc[i], self.settings.clustering.eps)
             best = sorted((dd, cid[g]) for g, dd in zip(near.tolist(), dist.tolist()) if cid.get(g) is not None)

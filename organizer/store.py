@@ -414,10 +414,13 @@ class Store:
         self.db.execute(f"delete from images where sha256 in ({orphan})")
 
     # ---- faces & clusters ----------------------------------------------------------------
-    def usable_encodings(self, min_size: int, min_sharpness: float, usable: bool = True):
+    def usable_encodings(self, min_size: int, min_sharpness: float, usable: bool = True, pending: bool = False):
         """(face ids, sha256 per face, encodings float64 n x 128, sharpness, size) of the faces fit
-        for clustering (at least ``min_size`` pixels and ``min_sharpness``), or of the others."""
+        for clustering (at least ``min_size`` pixels and ``min_sharpness``), or of the others;
+        ``pending``: only faces not clustered nor given a doubt reason yet (an indexed query)."""
         cond = "size>=? and sharpness>=?" if usable else "not (size>=? and sharpness>=?)"
+        if pending:
+            cond = f"cluster_id is null and doubt_reason is null and {cond}"
         rows = self.db.execute(
             f"select id, sha256, encoding, sharpness, size from faces where {cond} order by id",
             [min_size, min_sharpness],
@@ -439,15 +442,6 @@ class Store:
             ids = {r[0] for r in self.db.execute("select id from removed_faces")}
             self.db.execute("delete from removed_faces")
         return ids
-
-    def unusable_pending(self, min_size: int, min_sharpness: float):
-        """Like :meth:`usable_encodings` (usable=False), for faces not yet given a doubt reason."""
-        rows = self.db.execute(
-            "select id, sha256, encoding, sharpness, size from faces where cluster_id is null"
-            " and doubt_reason is null and not (size>=? and sharpness>=?) order by id",
-            [min_size, min_sharpness],
-        ).fetchall()
-        return _face_arrays(rows)
 
     def faces_by_id(self, ids: Iterable[int]):
         """Like :meth:`usable_encodings`, for the given face ids."""
