@@ -35,9 +35,10 @@ SHARED = Path(os.environ.get("ORGANIZER_SHARED", ROOT.parent / "shared")) / "fac
 CACHE = Path(os.environ.get("ORGANIZER_BENCH_CACHE", Path.home() / ".cache" / "organizer-bench"))
 
 
-def scanned_store(set_dir: Path, detection: dict, workers: int = 0) -> Path:
+def scanned_store(set_dir: Path, detection: dict, workers: int = 0, unkeyed: dict | None = None) -> Path:
     """Scan ``set_dir`` once per detection settings; returns the cached store's db path.
-    ``workers``: encoder processes for the scan (0 = one per core; not part of the cache key)."""
+    ``workers``: encoder processes for the scan (0 = one per core); ``unkeyed``: more detection
+    settings that are not part of the cache key."""
     key = hashlib.sha256(json.dumps([str(set_dir), detection], sort_keys=True).encode()).hexdigest()[:12]
     base = CACHE / f"{set_dir.name}-{key}"
     db = base / "organizer.db"
@@ -46,7 +47,7 @@ def scanned_store(set_dir: Path, detection: dict, workers: int = 0) -> Path:
     base.mkdir(parents=True, exist_ok=True)
     overrides = {"paths.watch": str(set_dir), "paths.output": str(base / "out"), "paths.db": str(db),
                  "service.workers": workers}
-    overrides.update({f"detection.{k}": v for k, v in detection.items()})
+    overrides.update({f"detection.{k}": v for k, v in {**detection, **(unkeyed or {})}.items()})
     settings = load_config(None, overrides)
     with Store.open(db) as store:
         org = Organizer(settings, store)
@@ -107,23 +108,31 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0, help="encoder processes when a set must be scanned (0 = one per core)")
     args = ap.parse_args()
     defaults = load_config(None)
-    detection = {"min_face_size": defaults.detection.min_face_size}
     chosen = defaults.clustering.model_dump()
+    d = defaults.detection
+    detection = {"landmarks": d.landmarks, "upsample": d.upsample, "num_jitters": d.num_jitters,
+                 "max_side": d.max_side, "fallback_margin": d.fallback_margin}
+    # the plain pipeline the design started from: dlib's raw encodings (no mirror, no unit length);
+    # its cache key is the one these settings had before the two options existed
+    raw = dict(detection)
+    detection.update(mirror=d.mirror, normalize=d.normalize)
     rows = []
     for name in args.sets.split(","):
         set_dir = SHARED / name
-        d = defaults.detection
-        db = scanned_store(set_dir, {"landmarks": d.landmarks, "upsample": d.upsample, "num_jitters": d.num_jitters,
-                                     "max_side": d.max_side, "fallback_margin": d.fallback_margin}, args.workers)
-        grid = [("plain eps 0.5", PLAIN), ("defaults", chosen)]
+        db = scanned_store(set_dir, detection, args.workers)
+        raw_db = scanned_store(set_dir, raw, args.workers, {"mirror": False, "normalize": False})
+        scored_raw = dict(raw, mirror=False, normalize=False, min_face_size=d.min_face_size)
+        scored = dict(detection, min_face_size=d.min_face_size)
+        grid = [("plain eps 0.5", PLAIN, raw_db, scored_raw), ("defaults", chosen, db, scored)]
         if args.linkage:
-            grid += [(f"eps={e} ms={m} link={t}", {"eps": e, "min_samples": m, "doubt_margin": 0.0, "linkage_threshold": t})
-                     for e in (0.55, 0.58, 0.6, 0.65) for m in (3,) for t in (0.52, 0.54, 0.55, 0.56, 0.57, 0.58)]
+            grid += [(f"eps={e} ms={m} link={t}", {"eps": e, "min_samples": m, "doubt_margin": 0.0, "linkage_threshold": t},
+                      db, scored)
+                     for e in (0.32, 0.34, 0.36, 0.38, 0.40) for m in (3,) for t in (0.36, 0.37, 0.38, 0.39, 0.40)]
         if args.sweep:
-            grid += [(f"eps={e} ms={m} margin={g}", {"eps": e, "min_samples": m, "doubt_margin": g})
-                     for e in (0.38, 0.40, 0.42, 0.44, 0.46, 0.48, 0.50) for m in (2, 3, 4) for g in (0.0, 0.05)]
-        for label, clustering in grid:
-            s = score(db, set_dir, clustering, detection)
+            grid += [(f"eps={e} ms={m} margin={g}", {"eps": e, "min_samples": m, "doubt_margin": g}, db, scored)
+                     for e in (0.30, 0.32, 0.34, 0.36, 0.38) for m in (2, 3, 4) for g in (0.0, 0.035)]
+        for label, clustering, store_db, det in grid:
+            s = score(store_db, set_dir, clustering, det)
             rows.append((name, label, s))
             print(f"{name:5} {label:28} P={s['precision']:.3f} R={s['recall']:.3f} F1={s['f1']:.3f} "
                   f"B3-F1={s['bcubed_f1']:.3f} cov={s['coverage']:.2f} once_placed={s['once_placed']:.2f} "

@@ -41,6 +41,8 @@ class DetectionConfig(_Section):
     min_sharpness: float = Field(0.0, ge=0)
     num_jitters: int = Field(1, ge=1, le=100)
     landmarks: Literal["large", "small"] = "large"
+    mirror: bool = Field(True, description="encode each face and its mirror image and average the two")
+    normalize: bool = Field(True, description="scale encodings to unit length (clustering distances assume it)")
     fallback_margin: float = Field(
         0.5, ge=0, le=2,
         description="photos where HOG finds no face: HOG near-misses down to -this are checked by the CNN detector; 0 = off",
@@ -48,10 +50,10 @@ class DetectionConfig(_Section):
 
 
 class ClusteringConfig(_Section):
-    eps: float = Field(0.58, gt=0, lt=2)
+    eps: float = Field(0.36, gt=0, lt=2)
     min_samples: int = Field(3, ge=1)
-    doubt_margin: float = Field(0.05, ge=0, lt=2)
-    linkage_threshold: float = Field(0.56, ge=0, lt=2, description="average-linkage split of DBSCAN clusters; 0 = off")
+    doubt_margin: float = Field(0.035, ge=0, lt=2)
+    linkage_threshold: float = Field(0.38, ge=0, lt=2, description="average-linkage split of DBSCAN clusters; 0 = off")
 
 
 class ServiceConfig(_Section):
@@ -97,6 +99,8 @@ class Settings(_Section):
             num_jitters=d.num_jitters,
             landmarks=d.landmarks,
             fallback_margin=d.fallback_margin,
+            mirror=d.mirror,
+            normalize=d.normalize,
         )
 
 

@@ -64,6 +64,20 @@ class DetectionSettings:
     # On a photo where HOG finds no face, its near-misses (score >= -fallback_margin) are checked
     # by the CNN detector on a crop around each; 0 turns this off. Unused with model="cnn".
     fallback_margin: float = 0.5
+    # Encode the aligned face and its mirror image and average the two (see encode_faces).
+    mirror: bool = True
+    # Scale encodings to unit length (see encode_faces); False = dlib's raw encodings.
+    normalize: bool = True
+
+
+# Bump when the same settings would give different encodings; stores record what made theirs.
+ENCODING_VERSION = 2
+
+
+def encoder_id(settings: DetectionSettings) -> str:
+    """What made a store's encodings: faces encoded otherwise are re-encoded (Organizer.upgrade_encodings)."""
+    return (f"dlib-resnet-v1 encoding={ENCODING_VERSION} landmarks={settings.landmarks} "
+            f"jitters={settings.num_jitters} mirror={int(settings.mirror)} unit={int(settings.normalize)}")
 
 
 @dataclass
@@ -159,6 +173,54 @@ def detect_faces(img: np.ndarray, settings: DetectionSettings) -> list[Box]:
     return [_to_box(rects[i], img.shape) for _, i in near if _cnn_confirms(fr, img, rects[i])]
 
 
+def encode_faces(img: np.ndarray, boxes: list[Box], settings: DetectionSettings) -> list[np.ndarray]:
+    """128-d encodings of the faces in ``boxes`` (float64, one per box).
+
+    Each face is aligned by its landmarks into dlib's 150x150 chip (as face_recognition does), and
+    by default:
+
+    * the chip and its mirror image are both encoded and averaged. A face's two halves differ in
+      light and pose; the average is a steadier description of the person (cost: two network
+      passes per face instead of one; dlib's ``num_jitters`` also mirrors, but at random and
+      with crops, so it costs more and is not repeatable across chips);
+    * the encoding is scaled to unit length. dlib's encodings vary in length with image quality
+      (1.2 to 1.7 here); without it a blurred face is far from everyone by its length alone.
+      Distances are then chord lengths on the unit sphere (0 to 2), hence ``eps`` 0.36.
+
+    Measured on the tune set (README, Accuracy): pairwise F1 0.963 -> 0.976 at equal precision.
+    """
+    import dlib  # noqa: PLC0415 - this module is the only one that imports dlib
+
+    fr = _face_recognition()
+    predictor = fr.api.pose_predictor_5_point if settings.landmarks == "small" else fr.api.pose_predictor_68_point
+    out = []
+    for top, right, bottom, left in boxes:
+        shape = predictor(img, dlib.rectangle(left, top, right, bottom))
+        chip = dlib.get_face_chip(img, shape, size=150, padding=0.25)
+        enc = np.array(fr.api.face_encoder.compute_face_descriptor(chip, settings.num_jitters))
+        if settings.mirror:
+            flipped = np.ascontiguousarray(chip[:, ::-1])
+            enc = (enc + np.array(fr.api.face_encoder.compute_face_descriptor(flipped, settings.num_jitters))) / 2
+        if settings.normalize:
+            enc = enc / max(float(np.linalg.norm(enc)), 1e-12)
+        out.append(enc)
+    return out
+
+
+def reencode_photo(path: Path, boxes: list[Box], settings: DetectionSettings) -> tuple[list[np.ndarray] | None, str | None]:
+    """Encodings for known faces (``boxes`` in full-size pixels), without detecting again:
+    (encodings, None), or (None, reason) when the photo cannot be read."""
+    try:
+        prepared = load_for_detection(Path(path), settings.max_side, settings.max_pixels)
+    except IngestError as exc:
+        return None, str(exc)
+    s, img = prepared.scale, prepared.pixels
+    h, w = img.shape[:2]
+    local = [(max(0, round(t / s)), min(w, round(r / s)), min(h, round(b / s)), max(0, round(l / s)))
+             for t, r, b, l in boxes]
+    return encode_faces(img, local, settings), None
+
+
 def analyze_photo(path: Path, settings: DetectionSettings) -> PhotoResult:
     """Decode ``path``, detect all faces and encode them. Never raises for bad input."""
     path = Path(path)
@@ -166,14 +228,9 @@ def analyze_photo(path: Path, settings: DetectionSettings) -> PhotoResult:
         prepared = load_for_detection(path, settings.max_side, settings.max_pixels)
     except IngestError as exc:
         return PhotoResult(path=path, error=str(exc))
-    fr = _face_recognition()
     img = prepared.pixels
     boxes = detect_faces(img, settings)
-    encodings = (
-        fr.face_encodings(img, boxes, num_jitters=settings.num_jitters, model=settings.landmarks)
-        if boxes
-        else []
-    )
+    encodings = encode_faces(img, boxes, settings)
     gray = img.mean(axis=2)
     faces = []
     s = prepared.scale
@@ -274,6 +331,32 @@ class EncoderPool:
             finally:
                 for fut in futures:
                     fut.cancel()
+
+    def reencode(self, jobs: list[tuple[Path, list[Box]]]) -> Iterator[tuple[Path, list[np.ndarray] | None, str | None]]:
+        """Re-encode known faces: yields (path, encodings or None, error) per job, in job order."""
+        if self.workers <= 0:
+            _face_recognition()
+            for path, boxes in jobs:
+                yield (path, *reencode_photo(path, boxes, self.settings))
+            return
+        pool = self._ensure_pool()
+        futures = [pool.submit(reencode_photo, path, boxes, self.settings) for path, boxes in jobs]
+        try:
+            for i, ((path, _), fut) in enumerate(zip(jobs, futures)):
+                try:
+                    yield (path, *fut.result())
+                except cf.process.BrokenProcessPool:
+                    # a worker died (the pool cannot say on which photo): this photo is given up
+                    # (a later scan encodes it afresh, alone if need be), the rest go to a new pool
+                    self._discard_pool()
+                    yield path, None, "the decoder crashed on this file"
+                    yield from self.reencode(jobs[i + 1 :])
+                    return
+                except Exception as exc:  # noqa: BLE001 - one photo must not stop the upgrade
+                    yield path, None, f"internal error while encoding: {exc!r}"
+        finally:
+            for fut in futures:
+                fut.cancel()
 
     def map_one(self, path: Path) -> Iterator[PhotoResult]:
         pool = self._ensure_pool()

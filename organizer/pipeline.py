@@ -20,10 +20,10 @@ from .cluster import REASON_UNUSABLE, Neighbours, average_linkage_split, People,
 from .incremental_dbscan import IncrementalDBSCAN, load_arrays, load_state, save_arrays, save_state
 
 from .config import Settings
-from .encode import EncoderPool
+from .encode import EncoderPool, encoder_id
 from .ingest import IngestError, check_readable, discover, is_candidate, sha256_file
 from .output import reconcile
-from .store import Store
+from .store import ENCODER, Store
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,7 @@ class Organizer:
         per batch. ``stop()`` is checked between batches: the current batch is always finished.
         """
         report = report or ScanReport()
+        self.upgrade_encodings()  # before new faces join the old ones
         known = self.store.photo_states()
         todo = []
         for path in paths:
@@ -251,6 +252,7 @@ class Organizer:
 
         The reference for the incremental engine and a repair tool; ids stay stable.
         """
+        self.upgrade_encodings()
         c, d = self.settings.clustering, self.settings.detection
         ids, shas, enc, sharp, size = self.store.usable_encodings(d.min_face_size, d.min_sharpness)
         t0 = time.monotonic()
@@ -324,11 +326,52 @@ class Organizer:
     def _fingerprint(self) -> str:
         """Settings that shape the clustering: a saved clustering made with others is redone."""
         c, d = self.settings.clustering, self.settings.detection
-        return "clean:" + json.dumps([c.model_dump(), d.min_face_size, d.min_sharpness], sort_keys=True)
+        return "clean:" + json.dumps([c.model_dump(), d.min_face_size, d.min_sharpness,
+                                      encoder_id(self.encoder.settings)], sort_keys=True)
+
+    def upgrade_encodings(self) -> None:
+        """Re-encode the stored faces when they were made by another encoder (an older version,
+        or other encoding settings), so that every distance compares like with like.
+
+        Faces keep their ids, boxes and people (the clustering is then redone, ids matched by
+        overlap as usual); only the 128-d vectors change. A photo that cannot be read now is
+        forgotten, and a later scan encodes it afresh if it is still there. Runs once: the store
+        records which encoder made its faces.
+        """
+        want = encoder_id(self.encoder.settings)
+        have = self.store.get_meta(ENCODER)
+        if have == want:
+            return
+        images = self.store.faces_by_image()
+        if images:
+            n_faces = sum(len(ids) for _, _, ids, _ in images)
+            log.warning("the store's %d faces were encoded by %s; re-encoding them with %s (once; %d photos)",
+                        n_faces, have or "an earlier version", want, len(images))
+            jobs = [(Path(paths[0]), boxes) for _, paths, _, boxes in images if paths]
+            ids_of = {paths[0]: ids for _, paths, ids, _ in images if paths}
+            t0 = time.monotonic()
+            done, lost = {}, []
+            for path, encs, error in self.encoder.reencode(jobs):
+                if encs is None:
+                    log.warning("cannot re-encode %s (%s): forgotten, a later scan encodes it again", path, error)
+                    lost.append(str(path))
+                else:
+                    done.update(zip(ids_of[str(path)], encs))
+            if jobs and not done:
+                # nothing readable at all: an unmounted disk, not photos to forget
+                raise RuntimeError(f"cannot read any photo to re-encode its faces (is {self.watch} mounted?); "
+                                   "nothing was changed")
+            self.store.set_encodings(done)
+            if lost:
+                lost_shas = {sha for sha, paths, _, _ in images if paths and paths[0] in lost}
+                self.store.remove_photos(p for sha, paths, _, _ in images if sha in lost_shas for p in paths)
+            log.info("re-encoded %d faces in %.1f s", len(done), time.monotonic() - t0)
+        self.store.set_meta(ENCODER, want)
 
     def _start_engine(self) -> None:
         """Build the engine from the store (start-up); re-derive people only if the saved
         clustering is stale (a crash between two commits, or changed settings)."""
+        self.upgrade_encodings()
         c, d = self.settings.clustering, self.settings.detection
         self.store.take_removed_faces()  # the engine is reconciled with every face below
         self._seen_face_id = self.store.max_face_id()

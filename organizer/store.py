@@ -26,6 +26,7 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 migrations = Migrations("organizer")
 
 
+ENCODER = "encoder"  # meta key: what made the stored encodings (encode.encoder_id)
 OUTPUT_ERRORS = "output_errors"  # meta key: the last reconcile's errors (JSON list), for `status`
 
 
@@ -527,6 +528,29 @@ class Store:
             if name is not None and clash:
                 raise StoreError(f"the name {name!r} is already used by cluster {clash[0]}")
             self.db.execute("update clusters set name=? where id=?", [name, cluster_id])
+
+    def faces_by_image(self) -> list[tuple[str, list[str], list[int], list[tuple[int, int, int, int]]]]:
+        """(sha256, its paths, face ids, boxes (top, right, bottom, left)) for every image with faces."""
+        paths: dict[str, list[str]] = {}
+        for sha, path in self.db.execute("select sha256, path from photos where sha256 is not null order by path"):
+            paths.setdefault(sha, []).append(path)
+        out: dict[str, tuple] = {}
+        for sha, fid, t, r, b, l in self.db.execute(
+            "select sha256, id, top, right, bottom, left from faces order by sha256, idx"
+        ):
+            entry = out.setdefault(sha, (sha, paths.get(sha, []), [], []))
+            entry[2].append(fid)
+            entry[3].append((t, r, b, l))
+        return list(out.values())
+
+    def set_encodings(self, encodings: dict[int, np.ndarray]) -> None:
+        """Replace the encodings of existing faces (ids, boxes and clusters are kept)."""
+        with self.db.atomic():
+            self.db.conn.executemany(
+                "update faces set encoding=? where id=?",
+                [(np.asarray(e, dtype=np.float64).tobytes(), int(f)) for f, e in encodings.items()],
+            )
+            self._mark_dirty()
 
     def photos_of_faces(self) -> Iterator[tuple[str, int, str]]:
         """(photo path, face id, sha256) for every ok photo with faces, in path order."""

@@ -128,6 +128,11 @@ def test_two_faces_of_one_photo_never_share_a_folder(tmp_path):
 # ---- the refinement on synthetic encodings ----------------------------------------------------
 
 
+# Encodings are unit vectors; dlib's raw ones are ~1.41 long. The synthetic people below are laid
+# out at raw-encoding distances, then scaled by this, as the encoder's normalisation does.
+UNIT = 1 / 1.415
+
+
 def _blob(rng, centre, n, spread):
     return centre + rng.normal(0, spread / np.sqrt(128), (n, 128))
 
@@ -137,9 +142,9 @@ def test_thin_chain_between_two_people_is_split():
     one cluster of them; the refinement gives two groups that do not mix the people."""
     rng = np.random.default_rng(7)
     a = rng.normal(0, 1, 128)
-    a *= 0.45 / np.linalg.norm(a)
-    b = -a  # 0.9 apart
-    pa, pb = _blob(rng, a, 20, 0.3), _blob(rng, b, 20, 0.3)
+    a *= 0.45 * UNIT / np.linalg.norm(a)
+    b = -a  # 0.9 apart (raw)
+    pa, pb = _blob(rng, a, 20, 0.3 * UNIT), _blob(rng, b, 20, 0.3 * UNIT)
     chain = np.stack([a + (b - a) * t for t in np.linspace(0.1, 0.9, 9)])
     enc = np.vstack([pa, pb, chain])
     cfg = load_config().clustering
@@ -158,8 +163,8 @@ def test_thin_chain_between_two_people_is_split():
 def test_refinement_keeps_one_person_whole():
     rng = np.random.default_rng(3)
     centre = rng.normal(0, 1, 128)
-    centre *= 0.5 / np.linalg.norm(centre)
-    enc = _blob(rng, centre, 30, 0.3)  # faces ~0.42 apart, as for one real person
+    centre *= 0.5 * UNIT / np.linalg.norm(centre)
+    enc = _blob(rng, centre, 30, 0.3 * UNIT)  # faces ~0.42 (raw) apart, as for one real person
     cfg = load_config().clustering
     ids = np.arange(30)
     photo = np.array([f"p{i}" for i in ids], dtype=object)
@@ -170,8 +175,8 @@ def test_refinement_keeps_one_person_whole():
 def test_faces_of_one_photo_are_split_by_refinement():
     rng = np.random.default_rng(5)
     centre = rng.normal(0, 1, 128)
-    centre *= 0.5 / np.linalg.norm(centre)
-    enc = _blob(rng, centre, 12, 0.3)
+    centre *= 0.5 * UNIT / np.linalg.norm(centre)
+    enc = _blob(rng, centre, 12, 0.3 * UNIT)
     cfg = load_config().clustering
     ids = np.arange(12)
     photo = np.array([f"p{i}" for i in ids], dtype=object)

@@ -217,11 +217,12 @@ def test_big_cluster_refined_on_a_sample_incrementally_equals_batch():
     it, the other faces join the sampled group they are closest to. Person B, chained to the
     much bigger person A, is still split off, and updates agree with a batch run throughout."""
     rng = np.random.default_rng(11)
-    cfg = ClusteringConfig()  # the defaults: eps 0.58, linkage threshold 0.56
+    cfg = ClusteringConfig()  # the defaults: eps 0.36, linkage threshold 0.38 (unit encodings)
+    unit = 1 / 1.415  # raw dlib encodings are ~1.41 long: the layout below is in raw distances
     a = rng.normal(0, 1, 128)
-    a *= 0.45 / np.linalg.norm(a)
-    b = -a  # 0.9 apart
-    spread = 0.3 / np.sqrt(128)
+    a *= 0.45 * unit / np.linalg.norm(a)
+    b = -a  # 0.9 apart (raw)
+    spread = 0.3 * unit / np.sqrt(128)
     w = WorldR(cfg)
     key = 0
     people_a, people_b = [], []

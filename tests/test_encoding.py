@@ -1,0 +1,98 @@
+"""Encodings: unit length, mirror-averaged, and a store made by another encoder is re-encoded in place."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from organizer.config import load_config
+from organizer.encode import DetectionSettings, analyze_photo, encoder_id
+from organizer.pipeline import Organizer
+from organizer.store import ENCODER, Store
+
+from .conftest import DEV
+
+RAW = DetectionSettings(mirror=False, normalize=False)  # dlib's encodings as face_recognition gives them
+
+
+def _one_face(path, settings):
+    r = analyze_photo(path, settings)
+    assert r.error is None and len(r.faces) == 1, (path, r)
+    return r.faces[0].encoding
+
+
+@pytest.mark.parametrize("photo", ["Madonna/train_1.jpg", "Mindy_Kaling/train_4.jpg", "Tony_Blair/Tony_Blair_0001.jpg"])
+def test_encodings_are_unit_length_and_steadier_under_mirroring(tmp_path, photo):
+    """A photo and its mirror image show the same face: with the mirrored average their
+    encodings are much closer than dlib's raw encodings of the two (compared at unit length)."""
+    src = DEV / photo
+    flipped = tmp_path / "flipped.png"
+    with Image.open(src) as im:
+        ImageOps.mirror(im.convert("RGB")).save(flipped)
+    ours = [_one_face(p, DetectionSettings()) for p in (src, flipped)]
+    raw = [_one_face(p, RAW) for p in (src, flipped)]
+    assert all(abs(np.linalg.norm(e) - 1) < 1e-9 for e in ours)
+    assert 1.1 < np.linalg.norm(raw[0]) < 1.8  # dlib's own scale, which normalising removes
+    d_ours = float(np.linalg.norm(ours[0] - ours[1]))
+    d_raw = float(np.linalg.norm(raw[0] / np.linalg.norm(raw[0]) - raw[1] / np.linalg.norm(raw[1])))
+    assert d_ours < 0.75 * d_raw, (d_ours, d_raw)
+
+
+def _scan(watch, output, detection=None, clustering=None):
+    overrides = {"paths.watch": str(watch), "paths.output": str(output), "service.workers": 1}
+    overrides.update({f"detection.{k}": v for k, v in (detection or {}).items()})
+    overrides.update({f"clustering.{k}": v for k, v in (clustering or {}).items()})
+    settings = load_config(None, overrides)
+    with Store.open(output / ".organizer" / "organizer.db") as store:
+        org = Organizer(settings, store)
+        try:
+            org.scan()
+        finally:
+            org.close()
+        faces = {}
+        for path, fid, _ in store.photos_of_faces():
+            f = store.face(fid)
+            enc = store.db.execute("select encoding from faces where id=?", [fid]).fetchone()[0]
+            faces[fid] = (path, f.cluster_id, f.doubtful, np.frombuffer(enc, dtype=np.float64))
+        return faces, store.get_meta(ENCODER)
+
+
+def test_store_from_an_older_encoder_is_reencoded_in_place(tmp_path):
+    """A store whose faces dlib's raw encoder made (an earlier version of organizer) is re-encoded
+    at the next start: same face ids, encodings as a fresh scan would make them, people kept
+    under their numbers; a photo that cannot be read any more is forgotten, not mis-encoded."""
+    watch, output = tmp_path / "photos", tmp_path / "sorted"
+    people = ["Colin_Powell", "Hugo_Chavez"]
+    for person in people:
+        shutil.copytree(DEV / person, watch / person)
+    broken = watch / "Hugo_Chavez" / "Hugo_Chavez_0009.jpg"
+    # the earlier version: raw encodings, and the clustering settings it had for them
+    before, meta = _scan(watch, output, {"mirror": False, "normalize": False},
+                         {"eps": 0.58, "linkage_threshold": 0.56, "doubt_margin": 0.05})
+    assert meta == encoder_id(RAW)
+    assert all(1.1 < np.linalg.norm(e) < 1.8 for *_, e in before.values())
+    with Store.open(output / ".organizer" / "organizer.db") as store:  # an earlier version wrote no meta
+        store.db.execute("delete from meta where key=?", [ENCODER])
+        store.db.conn.commit()
+    broken_ids = {f for f, (p, *_) in before.items() if p == str(broken)}
+    assert broken_ids
+    broken.write_bytes(broken.read_bytes()[:200])  # truncated since: cannot be re-encoded
+
+    after, meta = _scan(watch, output)
+    assert meta == encoder_id(DetectionSettings())
+    kept = set(before) - broken_ids
+    assert kept <= set(after) and not (broken_ids & set(after))
+    assert all(abs(np.linalg.norm(after[f][3]) - 1) < 1e-9 for f in after)
+    # the encodings are the ones a fresh scan with the new encoder makes
+    for f in kept:
+        path = after[f][0]
+        fresh = analyze_photo(path, DetectionSettings()).faces
+        assert min(float(np.linalg.norm(x.encoding - after[f][3])) for x in fresh) < 1e-6, path
+    # each person is still one folder, under the number it had
+    for person in people:
+        old = {before[f][1] for f in kept if f"/{person}/" in before[f][0] and not before[f][2]}
+        new = {after[f][1] for f in kept if f"/{person}/" in after[f][0] and not after[f][2]}
+        assert len(old) == 1 and new == old, (person, old, new)
