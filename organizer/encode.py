@@ -339,24 +339,28 @@ class EncoderPool:
             for path, boxes in jobs:
                 yield (path, *reencode_photo(path, boxes, self.settings))
             return
-        pool = self._ensure_pool()
-        futures = [pool.submit(reencode_photo, path, boxes, self.settings) for path, boxes in jobs]
-        try:
-            for i, ((path, _), fut) in enumerate(zip(jobs, futures)):
-                try:
-                    yield (path, *fut.result())
-                except cf.process.BrokenProcessPool:
-                    # a worker died (the pool cannot say on which photo): this photo is given up
-                    # (a later scan encodes it afresh, alone if need be), the rest go to a new pool
-                    self._discard_pool()
-                    yield path, None, "the decoder crashed on this file"
-                    yield from self.reencode(jobs[i + 1 :])
-                    return
-                except Exception as exc:  # noqa: BLE001 - one photo must not stop the upgrade
-                    yield path, None, f"internal error while encoding: {exc!r}"
-        finally:
-            for fut in futures:
-                fut.cancel()
+        pending = list(jobs)
+        while pending:
+            pool = self._ensure_pool()
+            futures = [pool.submit(reencode_photo, path, boxes, self.settings) for path, boxes in pending]
+            rest: list = []
+            try:
+                for i, ((path, _), fut) in enumerate(zip(pending, futures)):
+                    try:
+                        yield (path, *fut.result())
+                    except cf.process.BrokenProcessPool:
+                        # a worker died (the pool cannot say on which photo): this one is given up
+                        # (a later scan encodes it afresh, alone if need be), the rest go to a new pool
+                        self._discard_pool()
+                        yield path, None, "the decoder crashed on this file"
+                        rest = pending[i + 1 :]
+                        break
+                    except Exception as exc:  # noqa: BLE001 - one photo must not stop the upgrade
+                        yield path, None, f"internal error while encoding: {exc!r}"
+            finally:
+                for fut in futures:
+                    fut.cancel()
+            pending = rest
 
     def map_one(self, path: Path) -> Iterator[PhotoResult]:
         pool = self._ensure_pool()
