@@ -125,8 +125,7 @@ def main() -> None:
         scored = dict(detection, min_face_size=d.min_face_size)
         grid = [("plain eps 0.5", PLAIN, raw_db, scored_raw), ("defaults", chosen, db, scored)]
         if args.linkage:
-            grid += [(f"eps={e} ms={m} link={t}", {"eps": e, "min_samples": m, "doubt_margin": 0.0, "linkage_threshold": t},
-                      db, scored)
+            grid += [(f"eps={e} ms={m} link={t}", dict(chosen, eps=e, min_samples=m, linkage_threshold=t), db, scored)
                      for e in (0.32, 0.34, 0.36, 0.38, 0.40) for m in (3,) for t in (0.36, 0.37, 0.38, 0.39, 0.40)]
         if args.sweep:
             grid += [(f"eps={e} ms={m} margin={g}", {"eps": e, "min_samples": m, "doubt_margin": g}, db, scored)
