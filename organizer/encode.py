@@ -181,8 +181,8 @@ def encode_faces(img: np.ndarray, boxes: list[Box], settings: DetectionSettings)
 
     * the chip and its mirror image are both encoded and averaged. A face's two halves differ in
       light and pose; the average is a steadier description of the person (cost: two network
-      passes per face instead of one; dlib's ``num_jitters`` also mirrors, but at random and
-      with crops, so it costs more and is not repeatable across chips);
+      passes per face instead of one, ~1.6x per one-face photo; dlib's ``num_jitters`` also
+      mirrors, but at random and with crops, at a pass per jitter);
     * the encoding is scaled to unit length. dlib's encodings vary in length with image quality
       (1.2 to 1.7 here); without it a blurred face is far from everyone by its length alone.
       Distances are then chord lengths on the unit sphere (0 to 2), hence ``eps`` 0.36.
