@@ -359,13 +359,17 @@ class Organizer:
                     done.update(zip(ids_of[str(path)], encs))
             if jobs and not done:
                 # nothing readable at all: an unmounted disk, not photos to forget
-                raise RuntimeError(f"cannot read any photo to re-encode its faces (is {self.watch} mounted?); "
-                                   "nothing was changed")
+                raise FileNotFoundError(f"cannot read any photo to re-encode its faces (is {self.watch} "
+                                        "mounted?); nothing was changed, it is tried again at the next scan")
             self.store.set_encodings(done)
             if lost:
                 lost_shas = {sha for sha, paths, _, _ in images if paths and paths[0] in lost}
                 self.store.remove_photos(p for sha, paths, _, _ in images if sha in lost_shas for p in paths)
             log.info("re-encoded %d faces in %.1f s", len(done), time.monotonic() - t0)
+            # the saved states hold the old vectors: rebuilding beats patching every point
+            self._engine = None
+            for state in (self.engine_state_path, self.people_state_path):
+                state.unlink(missing_ok=True)
         self.store.set_meta(ENCODER, want)
 
     def _start_engine(self) -> None:

@@ -190,9 +190,10 @@ class Service:
         self.notify("STATUS=scanning the watched folder")
         try:
             report = org.scan(stop=self._stopping, settle_seconds=self.settings.service.settle_seconds)
-        except FileNotFoundError:
-            if org.watch.is_dir():
-                raise
+        except FileNotFoundError as exc:
+            if org.watch.is_dir():  # the photos are out of reach (e.g. re-encoding found none): retried
+                log.error("%s", exc)  # at the next rescan
+                return
             self._watch_available(org)  # it vanished a moment ago: pause
             return
         for p in report.unsettled:

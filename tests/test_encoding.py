@@ -96,3 +96,31 @@ def test_store_from_an_older_encoder_is_reencoded_in_place(tmp_path):
         old = {before[f][1] for f in kept if f"/{person}/" in before[f][0] and not before[f][2]}
         new = {after[f][1] for f in kept if f"/{person}/" in after[f][0] and not after[f][2]}
         assert len(old) == 1 and new == old, (person, old, new)
+
+
+def test_reencoding_changes_nothing_when_no_photo_can_be_read(tmp_path):
+    """Every photo unreadable at the upgrade (a disk that is not there): nothing is forgotten or
+    changed, the error says why, and the upgrade happens once the photos are back."""
+    watch, output = tmp_path / "photos", tmp_path / "sorted"
+    for p in sorted((DEV / "Colin_Powell").iterdir())[:3]:
+        (watch / "x").mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, watch / "x" / p.name)
+    before, _ = _scan(watch, output, {"mirror": False, "normalize": False})
+    saved = {p: p.read_bytes() for p in (watch / "x").iterdir()}
+    for p in saved:
+        p.write_bytes(b"")  # unreadable for now
+    settings = load_config(None, {"paths.watch": str(watch), "paths.output": str(output), "service.workers": 1})
+    with Store.open(output / ".organizer" / "organizer.db") as store:
+        org = Organizer(settings, store)
+        try:
+            with pytest.raises(FileNotFoundError, match="cannot read any photo to re-encode"):
+                org.recluster()
+        finally:
+            org.close()
+        assert store.get_meta(ENCODER) == encoder_id(RAW)
+        kept = {fid: np.frombuffer(e, dtype=np.float64) for fid, e in store.db.execute("select id, encoding from faces")}
+    assert set(kept) == set(before) and all(np.array_equal(kept[f], before[f][3]) for f in kept)
+    for p, data in saved.items():
+        p.write_bytes(data)
+    after, meta = _scan(watch, output)
+    assert meta == encoder_id(DetectionSettings()) and set(after) == set(before)
