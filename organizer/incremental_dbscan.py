@@ -250,11 +250,10 @@ class IncrementalDBSCAN:
         new_cores = []
         if self._count[r] >= self.min_samples:
             new_cores.append((r, rows))
-        for q in rows[(~self._core[rows]) & (self._count[rows] >= self.min_samples)].tolist():
-            if q == r:
-                continue
-            qr, _ = self._within_rows(self._x32[q].astype(np.float64), self.eps)
-            new_cores.append((q, qr[qr != q]))
+        promoted = rows[(~self._core[rows]) & (self._count[rows] >= self.min_samples) & (rows != r)]
+        if len(promoted):  # neighbours that just became core: one matrix pass for all of them
+            found = radius_query(self._x32, self._sq, None, self._x32[promoted].astype(np.float64), self.eps)
+            new_cores += [(q, qr[qr != q]) for q, (qr, _) in zip(promoted.tolist(), found)]
         for c, nrows in new_cores:
             self._make_core(c, nrows, upd)
         if not self._core[r]:  # then it has fewer than min_samples neighbours: measure them exactly
