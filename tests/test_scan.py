@@ -16,8 +16,8 @@ def test_scan_groups_each_person(dev_library):
     truth = labelled_photos(dev_library.people)
     predicted = tree_assignment(dev_library.output)
     scores = pairwise_scores(truth, predicted)
-    assert scores["precision"] >= 0.97, scores
-    assert scores["recall"] >= 0.80, scores
+    assert scores["precision"] >= 0.98, scores  # the bar; 1.000 with the defaults
+    assert scores["recall"] >= 0.85, scores  # 0.860 with the mirror-averaged unit encodings (0.828 before)
 
 
 def test_no_face_photos_linked_nowhere(dev_library):
