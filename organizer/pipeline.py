@@ -23,9 +23,12 @@ from .config import Settings
 from .encode import EncoderPool, encoder_id
 from .ingest import IngestError, check_readable, discover, is_candidate, sha256_file
 from .output import reconcile
-from .store import ENCODER, Store
+from .store import ENCODER, REENCODING, Store
 
 log = logging.getLogger(__name__)
+
+# Photos re-encoded per commit when a store is upgraded to another encoder (a crash loses at most these).
+REENCODE_CHUNK = 256
 
 Progress = Callable[[int, int], None]  # (done, total)
 
@@ -148,7 +151,8 @@ class Organizer:
         per batch. ``stop()`` is checked between batches: the current batch is always finished.
         """
         report = report or ScanReport()
-        self.upgrade_encodings()  # before new faces join the old ones
+        if not self.upgrade_encodings(stop):  # before new faces join the old ones
+            return report
         known = self.store.photo_states()
         todo = []
         for path in paths:
@@ -329,48 +333,58 @@ class Organizer:
         return "clean:" + json.dumps([c.model_dump(), d.min_face_size, d.min_sharpness,
                                       encoder_id(self.encoder.settings)], sort_keys=True)
 
-    def upgrade_encodings(self) -> None:
+    def upgrade_encodings(self, stop: Callable[[], bool] = lambda: False) -> bool:
         """Re-encode the stored faces when they were made by another encoder (an older version,
-        or other encoding settings), so that every distance compares like with like.
+        or other encoding settings), so that every distance compares like with like. Returns
+        False if ``stop()`` interrupted it (it resumes where it stopped at the next call).
 
         Faces keep their ids, boxes and people (the clustering is then redone, ids matched by
-        overlap as usual); only the 128-d vectors change. A photo that cannot be read now is
-        forgotten, and a later scan encodes it afresh if it is still there. Runs once: the store
-        records which encoder made its faces.
+        overlap as usual); only the 128-d vectors change. Work is committed every
+        REENCODE_CHUNK photos, so an interruption loses at most one chunk. A photo that cannot be
+        read now is forgotten, and a later scan encodes it afresh if it is still there. Runs
+        once: the store records which encoder made its faces.
         """
         want = encoder_id(self.encoder.settings)
         have = self.store.get_meta(ENCODER)
         if have == want:
-            return
-        images = self.store.faces_by_image()
-        if images:
-            n_faces = sum(len(ids) for _, _, ids, _ in images)
-            log.warning("the store's %d faces were encoded by %s; re-encoding them with %s (once; %d photos)",
-                        n_faces, have or "an earlier version", want, len(images))
-            jobs = [(Path(paths[0]), boxes) for _, paths, _, boxes in images if paths]
-            ids_of = {paths[0]: ids for _, paths, ids, _ in images if paths}
-            t0 = time.monotonic()
-            done, lost = {}, []
-            for path, encs, error in self.encoder.reencode(jobs):
-                if encs is None:
-                    log.warning("cannot re-encode %s (%s): forgotten, a later scan encodes it again", path, error)
-                    lost.append(str(path))
-                else:
-                    done.update(zip(ids_of[str(path)], encs))
-            if jobs and not done:
-                # nothing readable at all: an unmounted disk, not photos to forget
-                raise FileNotFoundError(f"cannot read any photo to re-encode its faces (is {self.watch} "
-                                        "mounted?); nothing was changed, it is tried again at the next scan")
-            self.store.set_encodings(done)
-            if lost:
-                lost_shas = {sha for sha, paths, _, _ in images if paths and paths[0] in lost}
-                self.store.remove_photos(p for sha, paths, _, _ in images if sha in lost_shas for p in paths)
-            log.info("re-encoded %d faces in %.1f s", len(done), time.monotonic() - t0)
-            # the saved states hold the old vectors: rebuilding beats patching every point
-            self._engine = None
-            for state in (self.engine_state_path, self.people_state_path):
-                state.unlink(missing_ok=True)
+            return True
+        images = self.store.faces_by_image()  # in sha256 order: the order progress is kept in
+        saved = json.loads(self.store.get_meta(REENCODING) or "{}")
+        after = saved.get("after", "") if saved.get("encoder") == want else ""
+        todo = [img for img in images if img[0] > after and img[1]]
+        if todo:
+            log.warning("the store's faces were encoded by %s; re-encoding them with %s (once; %d of %d photos "
+                        "to go)", have or "an earlier version", want, len(todo), len(images))
+            t0, n_done = time.monotonic(), 0
+            for start in range(0, len(todo), REENCODE_CHUNK):
+                if stop():
+                    log.info("re-encoding interrupted after %d photos; it resumes at the next start", start)
+                    return False
+                part = todo[start : start + REENCODE_CHUNK]
+                ids_of = {paths[0]: ids for _, paths, ids, _ in part}
+                done, lost = {}, []
+                for path, encs, error in self.encoder.reencode([(Path(paths[0]), boxes) for _, paths, _, boxes in part]):
+                    if encs is None:
+                        log.warning("cannot re-encode %s (%s): forgotten, a later scan encodes it again", path, error)
+                        lost.append(str(path))
+                    else:
+                        done.update(zip(ids_of[str(path)], encs))
+                if not done:
+                    # nothing readable at all: an unmounted disk, not photos to forget
+                    raise FileNotFoundError(f"cannot read any photo to re-encode its faces (is {self.watch} "
+                                            "mounted?); nothing more was changed, it is tried again at the next scan")
+                self.store.set_encodings(done, progress=json.dumps({"encoder": want, "after": part[-1][0]}))
+                if lost:
+                    self.store.remove_photos(p for _, paths, _, _ in part if paths[0] in lost for p in paths)
+                n_done += len(done)
+            log.info("re-encoded %d faces in %.1f s", n_done, time.monotonic() - t0)
+        # the saved states hold the old vectors: rebuilding beats patching every point
+        self._engine = None
+        for state in (self.engine_state_path, self.people_state_path):
+            state.unlink(missing_ok=True)
         self.store.set_meta(ENCODER, want)
+        self.store.delete_meta(REENCODING)
+        return True
 
     def _start_engine(self) -> None:
         """Build the engine from the store (start-up); re-derive people only if the saved

@@ -27,6 +27,7 @@ migrations = Migrations("organizer")
 
 
 ENCODER = "encoder"  # meta key: what made the stored encodings (encode.encoder_id)
+REENCODING = "reencoding"  # meta key: an unfinished re-encoding, {"encoder": id, "after": last sha256 done}
 OUTPUT_ERRORS = "output_errors"  # meta key: the last reconcile's errors (JSON list), for `status`
 
 
@@ -543,13 +544,16 @@ class Store:
             entry[3].append((t, r, b, l))
         return list(out.values())
 
-    def set_encodings(self, encodings: dict[int, np.ndarray]) -> None:
-        """Replace the encodings of existing faces (ids, boxes and clusters are kept)."""
+    def set_encodings(self, encodings: dict[int, np.ndarray], progress: str | None = None) -> None:
+        """Replace the encodings of existing faces (ids, boxes and clusters are kept); ``progress``
+        is stored under REENCODING in the same transaction."""
         with self.db.atomic():
             self.db.conn.executemany(
                 "update faces set encoding=? where id=?",
                 [(np.asarray(e, dtype=np.float64).tobytes(), int(f)) for f, e in encodings.items()],
             )
+            if progress is not None:
+                self.db.execute("insert or replace into meta (key, value) values (?, ?)", [REENCODING, progress])
             self._mark_dirty()
 
     def photos_of_faces(self) -> Iterator[tuple[str, int, str]]:
@@ -642,6 +646,10 @@ class Store:
     def get_meta(self, key: str) -> str | None:
         row = self.db.execute("select value from meta where key=?", [key]).fetchone()
         return row[0] if row else None
+
+    def delete_meta(self, key: str) -> None:
+        with self.db.atomic():
+            self.db.execute("delete from meta where key=?", [key])
 
     def set_meta(self, key: str, value) -> None:
         self.db["meta"].upsert({"key": key, "value": json.dumps(value) if not isinstance(value, str) else value}, pk="key")

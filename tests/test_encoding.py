@@ -124,3 +124,40 @@ def test_reencoding_changes_nothing_when_no_photo_can_be_read(tmp_path):
         p.write_bytes(data)
     after, meta = _scan(watch, output)
     assert meta == encoder_id(DetectionSettings()) and set(after) == set(before)
+
+
+def test_interrupted_reencoding_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """Re-encoding a big store takes hours: it commits chunk by chunk, stops when asked (a
+    service shutdown), and the next start carries on from the last chunk instead of redoing it."""
+    import organizer.pipeline as pipeline
+    from organizer.store import REENCODING
+
+    watch, output = tmp_path / "photos", tmp_path / "sorted"
+    for p in sorted((DEV / "Tony_Blair").iterdir())[:6]:
+        (watch / "x").mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, watch / "x" / p.name)
+    before, _ = _scan(watch, output, {"mirror": False, "normalize": False})
+    monkeypatch.setattr(pipeline, "REENCODE_CHUNK", 2)
+    settings = load_config(None, {"paths.watch": str(watch), "paths.output": str(output), "service.workers": 0})
+    db = output / ".organizer" / "organizer.db"
+
+    def unit(store):
+        return {f for f, e in store.db.execute("select id, encoding from faces")
+                if abs(np.linalg.norm(np.frombuffer(e, dtype=np.float64)) - 1) < 1e-9}
+
+    with Store.open(db) as store:
+        org = Organizer(settings, store)
+        asked = iter([False, True])  # one chunk, then a stop request
+        assert org.upgrade_encodings(stop=lambda: next(asked)) is False
+        assert 2 <= len(unit(store)) < len(before)  # one chunk: two photos' faces
+        assert store.get_meta(REENCODING) and store.get_meta(ENCODER) == encoder_id(RAW)
+        first = unit(store)
+        calls = []
+        real = org.encoder.reencode
+        monkeypatch.setattr(org.encoder, "reencode", lambda jobs: (calls.append(len(jobs)), real(jobs))[1])
+        assert org.upgrade_encodings() is True
+        photos = {path for path, *_ in before.values()}
+        assert sum(calls) == len(photos) - 2, calls  # the first chunk was not redone
+        assert unit(store) == set(before) and first <= unit(store)
+        assert store.get_meta(ENCODER) == encoder_id(DetectionSettings()) and store.get_meta(REENCODING) is None
+        org.close()
