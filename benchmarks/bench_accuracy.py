@@ -115,13 +115,14 @@ def main() -> None:
     # the plain pipeline the design started from: dlib's raw encodings (no mirror, no unit length);
     # its cache key is the one these settings had before the two options existed
     raw = dict(detection)
+    raw_encoder = {"mirror": False, "normalize": False}
     detection.update(mirror=d.mirror, normalize=d.normalize)
     rows = []
     for name in args.sets.split(","):
         set_dir = SHARED / name
         db = scanned_store(set_dir, detection, args.workers)
-        raw_db = scanned_store(set_dir, raw, args.workers, {"mirror": False, "normalize": False})
-        scored_raw = dict(raw, mirror=False, normalize=False, min_face_size=d.min_face_size)
+        raw_db = scanned_store(set_dir, raw, args.workers, raw_encoder)
+        scored_raw = dict(raw, **raw_encoder, min_face_size=d.min_face_size)
         scored = dict(detection, min_face_size=d.min_face_size)
         grid = [("plain eps 0.5", PLAIN, raw_db, scored_raw), ("defaults", chosen, db, scored)]
         if args.linkage:

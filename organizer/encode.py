@@ -298,77 +298,50 @@ class EncoderPool:
 
     def map(self, paths: Iterable[Path]) -> Iterator[PhotoResult]:
         """Encode ``paths``; yields one result per path, in completion order."""
-        paths = list(paths)
-        if self.workers <= 0:
-            _face_recognition()
-            for p in paths:
-                yield analyze_photo(p, self.settings)
-            return
-        pending = list(paths)
-        while pending:
-            pool = self._ensure_pool()
-            futures = {pool.submit(analyze_photo, p, self.settings): p for p in pending}
-            pending = []
-            try:
-                for fut in cf.as_completed(futures):
-                    path = futures[fut]
-                    try:
-                        yield fut.result()
-                    except cf.process.BrokenProcessPool:
-                        # A worker died (e.g. a segfault in a native decoder): we cannot tell which
-                        # photo did it, so retry every unfinished one alone in a fresh pool; the
-                        # culprit then fails on its own and is recorded against that photo.
-                        self._discard_pool()
-                        unfinished = [p for f, p in futures.items() if not f.done() or f.exception()]
-                        if len(futures) == 1:
-                            yield PhotoResult(path=path, error="the decoder crashed on this file")
-                        else:
-                            for p in unfinished:
-                                yield from self.map_one(p)
-                        break
-                    except Exception as exc:  # noqa: BLE001 - a bug for one photo must not stop the service
-                        yield PhotoResult(path=path, error=f"internal error while encoding: {exc!r}")
-            finally:
-                for fut in futures:
-                    fut.cancel()
+        for _, result in self._run(analyze_photo, [(p,) for p in paths],
+                                   lambda job, msg: PhotoResult(path=job[0], error=msg)):
+            yield result
 
     def reencode(self, jobs: list[tuple[Path, list[Box]]]) -> Iterator[tuple[Path, list[np.ndarray] | None, str | None]]:
-        """Re-encode known faces: yields (path, encodings or None, error) per job, in job order."""
+        """Re-encode known faces: yields (path, encodings or None, error) per job, in completion order."""
+        for (path, _), (encodings, error) in self._run(reencode_photo, jobs, lambda job, msg: (None, msg)):
+            yield path, encodings, error
+
+    def _run(self, task, jobs: list[tuple], failed) -> Iterator[tuple[tuple, object]]:
+        """``task(*job, settings)`` for every job; yields (job, result) in completion order. A job
+        that raises, or whose worker dies, yields ``failed(job, message)`` instead."""
         if self.workers <= 0:
             _face_recognition()
-            for path, boxes in jobs:
-                yield (path, *reencode_photo(path, boxes, self.settings))
+            for job in jobs:
+                yield job, task(*job, self.settings)
             return
-        pending = list(jobs)
-        while pending:
-            pool = self._ensure_pool()
-            futures = [pool.submit(reencode_photo, path, boxes, self.settings) for path, boxes in pending]
-            rest: list = []
-            try:
-                for i, ((path, _), fut) in enumerate(zip(pending, futures)):
-                    try:
-                        yield (path, *fut.result())
-                    except cf.process.BrokenProcessPool:
-                        # a worker died (the pool cannot say on which photo): this one is given up
-                        # (a later scan encodes it afresh, alone if need be), the rest go to a new pool
-                        self._discard_pool()
-                        yield path, None, "the decoder crashed on this file"
-                        rest = pending[i + 1 :]
-                        break
-                    except Exception as exc:  # noqa: BLE001 - one photo must not stop the upgrade
-                        yield path, None, f"internal error while encoding: {exc!r}"
-            finally:
-                for fut in futures:
-                    fut.cancel()
-            pending = rest
-
-    def map_one(self, path: Path) -> Iterator[PhotoResult]:
         pool = self._ensure_pool()
+        futures = {pool.submit(task, *job, self.settings): job for job in jobs}
+        answered = set()
         try:
-            yield pool.submit(analyze_photo, path, self.settings).result()
-        except cf.process.BrokenProcessPool:
-            self._discard_pool()
-            yield PhotoResult(path=path, error="the decoder crashed on this file")
+            for fut in cf.as_completed(futures):
+                job = futures[fut]
+                try:
+                    result = fut.result()
+                except cf.process.BrokenProcessPool:
+                    # A worker died (e.g. a segfault in a native decoder): we cannot tell which
+                    # photo did it, so retry every unanswered one alone in a fresh pool; the
+                    # culprit then fails on its own and is recorded against that photo.
+                    self._discard_pool()
+                    unfinished = [j for f, j in futures.items() if f not in answered]
+                    if len(futures) == 1:
+                        yield job, failed(job, "the decoder crashed on this file")
+                    else:
+                        for j in unfinished:
+                            yield from self._run(task, [j], failed)
+                    break
+                except Exception as exc:  # noqa: BLE001 - a bug for one photo must not stop the service
+                    result = failed(job, f"internal error while encoding: {exc!r}")
+                answered.add(fut)
+                yield job, result
+        finally:
+            for fut in futures:
+                fut.cancel()
 
     def _discard_pool(self) -> None:
         if self._pool is not None:

@@ -250,7 +250,7 @@ class IncrementalDBSCAN:
         new_cores = []
         if self._count[r] >= self.min_samples:
             new_cores.append((r, rows))
-        promoted = rows[(~self._core[rows]) & (self._count[rows] >= self.min_samples) & (rows != r)]
+        promoted = rows[(~self._core[rows]) & (self._count[rows] >= self.min_samples)]  # r is not in rows
         if len(promoted):  # neighbours that just became core: one matrix pass for all of them
             found = radius_query(self._x32, self._sq, None, self._x32[promoted].astype(np.float64), self.eps)
             new_cores += [(q, qr[qr != q]) for q, (qr, _) in zip(promoted.tolist(), found)]

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
 from organizer.config import load_config
-from organizer.encode import DetectionSettings, analyze_photo, encoder_id
+from organizer.encode import DetectionSettings, EncoderPool, analyze_photo, encoder_id
 from organizer.pipeline import Organizer
 from organizer.store import ENCODER, Store
 
@@ -161,3 +163,30 @@ def test_interrupted_reencoding_resumes_where_it_stopped(tmp_path, monkeypatch):
         assert unit(store) == set(before) and first <= unit(store)
         assert store.get_meta(ENCODER) == encoder_id(DetectionSettings()) and store.get_meta(REENCODING) is None
         org.close()
+
+
+def _analyze_or_die(path, settings):
+    """analyze_photo, except that the worker process dies on "boom.jpg" (as a native decoder's
+    segfault would kill it)."""
+    if Path(path).name == "boom.jpg":
+        os._exit(139)
+    return analyze_photo(path, settings)
+
+
+def test_a_worker_that_dies_is_blamed_on_its_photo_only(tmp_path):
+    """The pool cannot tell which photo killed a worker: every unanswered photo is retried alone,
+    so only the culprit is reported as a crash and every other photo is encoded, once."""
+    photos = sorted((DEV / "Jerry_Seinfeld").iterdir())[:5]
+    boom = tmp_path / "boom.jpg"
+    shutil.copy(photos[0], boom)
+    jobs = [(p,) for p in photos] + [(boom,)]
+    pool = EncoderPool(DetectionSettings(), workers=2)
+    try:
+        out = list(pool._run(_analyze_or_die, jobs, lambda job, msg: msg))
+    finally:
+        pool.close()
+    assert sorted(str(job[0]) for job, _ in out) == sorted(str(job[0]) for job in jobs)  # each once
+    got = {job[0]: result for job, result in out}
+    assert got[boom] == "the decoder crashed on this file"
+    for p in photos:
+        assert got[p].error is None and len(got[p].faces) == 1, (p, got[p])
