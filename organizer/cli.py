@@ -116,8 +116,13 @@ def scan(settings: Settings):
 @click.option("--errors", default=10, show_default=True, help="How many recent errors to list.")
 def status(settings: Settings, as_json: bool, errors: int):
     """What the store knows: photos, faces, people, doubtful faces, failures."""
+    from .ingest import printable
+
     with Store.open_readonly(settings.db_path) as store:
         st = store.status(errors)
+        # a name that is not UTF-8 is shown with its odd bytes as \xNN (stdout must be text)
+        st["last_errors"] = [{k: printable(v) for k, v in e.items()} for e in st["last_errors"]]
+        st["output_errors"] = [printable(e) for e in st["output_errors"]]
         st["people"] = [
             {"id": c["id"], "name": c["name"], "faces": c["size"]} for c in store.clusters()
         ]

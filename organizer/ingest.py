@@ -72,20 +72,6 @@ def _inside(path: Path, roots: Iterable[Path]) -> bool:
     return False
 
 
-def storable_name(path: Path) -> bool:
-    """False for a name that is not valid UTF-8 (e.g. Latin-1 from an old camera or archive).
-
-    The store keeps paths as SQLite text, which must be UTF-8: such a name made the whole scan
-    crash (UnicodeEncodeError) on every start. Until the store can hold arbitrary bytes, these
-    files are skipped with a warning asking to rename them.
-    """
-    try:
-        str(path).encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
 def printable(path: Path | str) -> str:
     """A path as text that can be logged or shown: undecodable bytes appear as \\xNN."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
@@ -117,10 +103,6 @@ def discover(watch: Path, exclude: Iterable[Path] = (), unreadable: list[Path] |
         for name in sorted(filenames):
             path = here / name
             if is_candidate(path) and not _inside(path, excluded):
-                if not storable_name(path):
-                    log.warning("skipping %s: its name is not valid UTF-8; rename the file to have it sorted",
-                                printable(path))
-                    continue
                 yield path
 
 

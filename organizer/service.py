@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .config import Settings
 from .encode import EncoderUnavailable, check_models
-from .ingest import discover, is_candidate, printable, storable_name
+from .ingest import discover, is_candidate, printable
 from .pipeline import Organizer, has_entries
 from .store import Store, StoreError, damaged_store_message
 from .watch import Settler, Watcher
@@ -161,10 +161,6 @@ class Service:
         except ValueError:
             return
         if any(part.startswith(".") for part in rel.parts):
-            return
-        if not storable_name(p):
-            log.warning("skipping %s: its name is not valid UTF-8; rename the file to have it sorted",
-                        printable(p))
             return
         if os.path.isdir(p) or is_candidate(p) or not os.path.lexists(p):
             settler.add(path)

@@ -203,6 +203,27 @@ def app_hint(path: Path) -> str | None:
         return None
 
 
+def _db_text(text: str) -> str | bytes:
+    """A path (or text holding one) as the store keeps it.
+
+    Paths are SQLite text, which must be UTF-8. A file name that is not (Latin-1 from an old
+    camera or archive) reaches Python as lone surrogates (os.fsdecode), which no UTF-8 text can
+    hold; it is kept as its raw bytes instead, a BLOB. A BLOB never equals a text value, so both
+    kinds live in one column and every lookup goes through this function. (A text escape would
+    have to escape its own escape character too, renaming paths already stored.)
+    """
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return os.fsencode(text)
+
+
+def _py_text(value: str | bytes | None) -> str | None:
+    """The inverse of :func:`_db_text`."""
+    return os.fsdecode(value) if isinstance(value, bytes) else value
+
+
 def _face_arrays(rows):
     ids = np.array([r[0] for r in rows], dtype=np.int64)
     shas = np.array([r[1] for r in rows], dtype=object)
@@ -322,7 +343,7 @@ class Store:
     def photo_states(self) -> dict[str, tuple[int, float, str]]:
         """path -> (size, mtime, status) for every known photo."""
         return {
-            r[0]: (r[1], r[2], r[3])
+            _py_text(r[0]): (r[1], r[2], r[3])
             for r in self.db.execute("select path, size, mtime, status from photos")
         }
 
@@ -383,7 +404,7 @@ class Store:
     def _put_photo(self, path, sha, size, mtime, status, error, now) -> None:
         self.db["photos"].upsert(
             {
-                "path": path,
+                "path": _db_text(path),
                 "sha256": sha,
                 "size": size,
                 "mtime": mtime,
@@ -398,7 +419,7 @@ class Store:
         """Forget photos, and the content (with its faces) that no other path refers to."""
         with self.db.atomic():
             for path in paths:
-                self.db.execute("delete from photos where path=?", [path])
+                self.db.execute("delete from photos where path=?", [_db_text(path)])
             self._prune_orphans()
             self._mark_dirty()
 
@@ -534,7 +555,7 @@ class Store:
         """(sha256, its paths, face ids, boxes (top, right, bottom, left)) for every image with faces."""
         paths: dict[str, list[str]] = {}
         for sha, path in self.db.execute("select sha256, path from photos where sha256 is not null order by path"):
-            paths.setdefault(sha, []).append(path)
+            paths.setdefault(sha, []).append(_py_text(path))
         out: dict[str, tuple] = {}
         for sha, fid, t, r, b, l in self.db.execute(
             "select sha256, id, top, right, bottom, left from faces order by sha256, idx"
@@ -558,10 +579,11 @@ class Store:
 
     def photos_of_faces(self) -> Iterator[tuple[str, int, str]]:
         """(photo path, face id, sha256) for every ok photo with faces, in path order."""
-        yield from self.db.execute(
+        for path, face_id, sha in self.db.execute(
             "select p.path, f.id, f.sha256 from photos p join faces f on f.sha256 = p.sha256"
             " where p.status='ok' order by p.path, f.idx"
-        )
+        ):
+            yield _py_text(path), face_id, sha
 
     def face(self, face_id: int) -> Face | None:
         for f in self.faces_where("id=?", [face_id]):
@@ -580,28 +602,30 @@ class Store:
         row = self.db.execute(
             "select path from photos where sha256=? and status='ok' order by path limit 1", [sha256]
         ).fetchone()
-        return row[0] if row else None
+        return _py_text(row[0]) if row else None
 
     # ---- output manifest -----------------------------------------------------------------
     def manifest(self) -> dict[str, tuple[str, str]]:
         """relpath -> (kind, source) of every output entry the organizer created (or intends to)."""
-        return {r[0]: (r[1], r[2]) for r in self.db.execute("select relpath, kind, source from output_entries")}
+        return {_py_text(r[0]): (r[1], _py_text(r[2]))
+                for r in self.db.execute("select relpath, kind, source from output_entries")}
 
     def manifest_idents(self) -> dict[str, str | None]:
         """relpath -> identity of the file we created (device:inode, or the symlink target)."""
-        return {r[0]: r[1] for r in self.db.execute("select relpath, ident from output_entries")}
+        return {_py_text(r[0]): r[1] for r in self.db.execute("select relpath, ident from output_entries")}
 
     def manifest_add(self, relpath: str, kind: str, source: str) -> None:
         self.db["output_entries"].upsert(
-            {"relpath": relpath, "kind": kind, "source": source, "ident": None, "created_at": time.time()},
+            {"relpath": _db_text(relpath), "kind": kind, "source": _db_text(source), "ident": None,
+             "created_at": time.time()},
             pk="relpath",
         )
 
     def manifest_set_ident(self, relpath: str, ident: str) -> None:
-        self.db.execute("update output_entries set ident=? where relpath=?", [ident, relpath])
+        self.db.execute("update output_entries set ident=? where relpath=?", [ident, _db_text(relpath)])
 
     def manifest_remove(self, relpath: str) -> None:
-        self.db.execute("delete from output_entries where relpath=?", [relpath])
+        self.db.execute("delete from output_entries where relpath=?", [_db_text(relpath)])
 
     # ---- status --------------------------------------------------------------------------
     def status(self, errors: int = 10) -> dict:
@@ -624,7 +648,7 @@ class Store:
             "named_clusters": q("select count(*) from clusters where name is not null"),
             "doubtful_faces": q("select count(*) from faces where doubtful=1"),
             "last_errors": [
-                {"path": r[0], "error": r[1]}
+                {"path": _py_text(r[0]), "error": r[1]}
                 for r in self.db.execute(
                     "select path, error from photos where status='failed' order by updated_at desc, path limit ?",
                     [errors],
@@ -635,12 +659,12 @@ class Store:
 
     def failures(self) -> list[dict]:
         return [
-            {"path": r[0], "error": r[1]}
+            {"path": _py_text(r[0]), "error": r[1]}
             for r in self.db.execute("select path, error from photos where status='failed' order by path")
         ]
 
     def error_of(self, path: str) -> str | None:
-        row = self.db.execute("select error from photos where path=?", [path]).fetchone()
+        row = self.db.execute("select error from photos where path=?", [_db_text(path)]).fetchone()
         return row[0] if row else None
 
     def get_meta(self, key: str) -> str | None:

@@ -59,10 +59,10 @@ def bad_run(tmp_path_factory):
     a = sorted((watch / "people" / A).iterdir())
     b = sorted((watch / "people" / B).iterdir())
     cases = make_corpus(watch / "corpus", a[:7], b[:4], root / "outside")
-    non_utf8_name(watch / "corpus", b[5].read_bytes())
+    odd = [non_utf8_name(watch / "corpus", b[5].read_bytes())]  # a name that is not UTF-8
     originals = tree_hashes(watch)
     outside = tree_hashes(root / "outside")
-    expected = sum(1 for c in cases if c.expect != "folder") + len(a) + len(b)
+    expected = sum(1 for c in cases if c.expect != "folder") + len(a) + len(b) + 1
 
     svc = ServiceProc(["--watch", str(watch), "--output", str(output), "--config", str(_config(root))],
                       root / "service.log")
@@ -79,9 +79,9 @@ def bad_run(tmp_path_factory):
         os.rename(staging, watch / "live")
         for c in live_cases:
             c.path = watch / "live" / c.path.relative_to(staging)
-        non_utf8_name(watch / "live", b[6].read_bytes())  # a file event of its own
+        odd.append(non_utf8_name(watch / "live", b[6].read_bytes()))  # a file event of its own
         live_originals = tree_hashes(watch / "live")
-        live_expected = expected + sum(1 for c in live_cases if c.expect != "folder")
+        live_expected = expected + sum(1 for c in live_cases if c.expect != "folder") + 1
         wait_for(lambda: status_json(output)["photos"] == live_expected, 180, "the photos dropped in while running")
         # the last batch is clustered and linked before it is counted as done: wait for the tree
         wait_for(lambda: folders_holding(output, watch / "live" / "orientation_6.jpg"), 60, "the live photos' links")
@@ -94,7 +94,7 @@ def bad_run(tmp_path_factory):
     log = svc.text()
     assert code == 0, log[-3000:]
     assert "Traceback" not in log, log
-    return dict(root=root, watch=watch, output=output, cases=cases + live_cases, a=a, b=b, status=status,
+    return dict(root=root, watch=watch, output=output, cases=cases + live_cases, a=a, b=b, odd=odd, status=status,
                 text=text, few=few, log=log, originals=originals, live_originals=live_originals, outside=outside)
 
 
@@ -127,6 +127,8 @@ def test_valid_photos_around_bad_files_are_sorted(bad_run):
         assert folders_holding(output, p) == {fa}, p.name
     for p in b:
         assert folders_holding(output, p) == {fb}, p.name
+    for p in bad_run["odd"]:  # names that are not UTF-8, found at start-up and by the watcher
+        assert folders_holding(output, p) == {fb}, p
 
 
 @pytest.mark.parametrize("kind", ["orientation_1", "orientation_2", "orientation_3", "orientation_4",
@@ -143,12 +145,6 @@ def test_unusual_image_found_and_sorted_with_its_person(bad_run, kind):
     for c in found:
         assert folders_holding(output, c.path) == {folder[person[c.source]]}, (
             f"{c.path} should be in {folder[person[c.source]]} with the other photos of {person[c.source]}")
-
-
-def test_non_utf8_names_skipped_with_a_warning_by_the_service(bad_run):
-    skipped = [l for l in bad_run["log"].splitlines() if "caf\\xe9.jpg" in l and "not valid UTF-8" in l]
-    assert any("/corpus/" in l for l in skipped), "the start-up scan did not report the undecodable name"
-    assert any("/live/" in l for l in skipped), "the watcher did not report the undecodable name"
 
 
 def test_rotated_copies_hide_the_face_unless_orientation_is_applied(bad_run):
@@ -249,35 +245,35 @@ def test_file_deleted_between_discovery_and_decoding(tmp_path, monkeypatch):
             org.close()
 
 
-def test_non_utf8_file_name_does_not_stop_the_organizer(tmp_path):
-    """A file name that is not valid UTF-8 (Latin-1 from an old camera or archive) must not crash
-    the scan, and must not keep the other photos from being sorted."""
-    watch, output = tmp_path / "photos", tmp_path / "sorted"
-    (watch / A).mkdir(parents=True)
-    for p in sorted((DEV / A).iterdir())[:4]:
-        shutil.copy(p, watch / A / p.name)
-    odd = non_utf8_name(watch, sorted((DEV / B).iterdir())[0].read_bytes())
-    proc = run_organizer("scan", "--watch", str(watch), "--output", str(output), check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    a = sorted((watch / A).iterdir())
-    folder = _person_folder(output, a)
-    assert all(folders_holding(output, p) == {folder} for p in a)
-    assert os.fsencode(odd.name).decode("utf-8", "backslashreplace") in proc.stderr  # told, not silent
-
-
-@pytest.mark.xfail(strict=True, reason="the store keeps paths as UTF-8 text: such names are skipped with a "
-                   "warning for now (fix proposed for store.py; then drop the skip in ingest/service)")
-def test_non_utf8_file_name_is_sorted(tmp_path):
+def test_non_utf8_file_name_is_sorted_and_forgotten(tmp_path):
+    """A file name that is not valid UTF-8 (Latin-1 from an old camera or archive) is sorted like
+    any other: the store keeps such a path as its raw bytes. It is found again without being
+    re-encoded, shown readably by `status`, and forgotten (its link removed) when it goes."""
     watch, output = tmp_path / "photos", tmp_path / "sorted"
     a = sorted((DEV / A).iterdir())
     (watch / A).mkdir(parents=True)
     for p in a[1:5]:
         shutil.copy(p, watch / A / p.name)
-    odd = non_utf8_name(watch, a[0].read_bytes())
-    run_organizer("scan", "--watch", str(watch), "--output", str(output))
+    odd = non_utf8_name(watch / A, a[0].read_bytes())
+    broken = Path(os.fsdecode(os.path.join(os.fsencode(watch), b"d\xe9fekt.jpg")))
+    broken.write_bytes(a[1].read_bytes()[:3000])  # truncated: a failure, recorded under its name
+    proc = run_organizer("scan", "--watch", str(watch), "--output", str(output))
+    assert "Traceback" not in proc.stderr
     folder = _person_folder(output, sorted((watch / A).iterdir()))
     assert folders_holding(output, odd) == {folder}
+    status = run_organizer("status", "--output", str(output)).stdout
+    assert "d\\xe9fekt.jpg: " in status, status
+    assert [e["path"] for e in status_json(output)["last_errors"]] == [str(watch) + "/d\\xe9fekt.jpg"]
+
+    again = run_organizer("scan", "--watch", str(watch), "--output", str(output)).stdout
+    assert again.startswith("6 photos seen, 0 encoded"), again  # the stored name matched the file
+    link = next((output / folder).glob("caf*.jpg"))
+    odd.unlink()
+    broken.unlink()
+    gone = run_organizer("scan", "--watch", str(watch), "--output", str(output)).stdout
+    assert "2 removed" in gone, gone
+    assert not os.path.lexists(link)
+    assert status_json(output)["failed"] == 0
 
 
 def test_pixel_limit_is_max_pixels_not_pils_own(tmp_path):
