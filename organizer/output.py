@@ -89,7 +89,7 @@ def desired_tree(store: Store) -> dict[str, tuple[str, str]]:
     clusters = {c["id"]: c for c in store.clusters()}
     folder = {cid: folder_name(cid, c["name"]) for cid, c in clusters.items()}
     faces = {f.id: f for f in store.faces()}
-    wanted: dict[str, list[str]] = defaultdict(list)  # folder -> photo paths (ordered, unique)
+    wanted: dict[str, dict[str, None]] = defaultdict(dict)  # folder -> photo paths (ordered, unique)
     doubtful_faces: list[tuple[str, int]] = []
     for path, face_id, _sha in store.photos_of_faces():
         f = faces[face_id]
@@ -100,9 +100,7 @@ def desired_tree(store: Store) -> dict[str, tuple[str, str]]:
             doubtful_faces.append((path, face_id))
         else:
             continue
-        if not wanted[target] or wanted[target][-1] != path:
-            if path not in wanted[target]:
-                wanted[target].append(path)
+        wanted[target][path] = None
 
     tree: dict[str, tuple[str, str]] = {}
     # keep names the manifest already gave a source, so existing links never get renamed
@@ -178,7 +176,8 @@ def _is_ours(dst: Path, ident: str | None) -> bool:
 
 
 def _write_crop(source: str, dst: Path, max_pixels: int) -> None:
-    _, path, box = source.split("|")
+    # "<face id>|<path>|<box>": the path itself may hold "|"
+    path, box = source.split("|", 1)[1].rsplit("|", 1)
     top, right, bottom, left = (int(v) for v in box.split(","))
     im = open_upright(Path(path), max_pixels)
     h, w = bottom - top, right - left

@@ -245,15 +245,16 @@ def test_file_deleted_between_discovery_and_decoding(tmp_path, monkeypatch):
             org.close()
 
 
-def test_non_utf8_file_name_is_sorted_and_forgotten(tmp_path):
+def test_odd_file_names_are_sorted_and_forgotten(tmp_path):
     """A file name that is not valid UTF-8 (Latin-1 from an old camera or archive) is sorted like
     any other: the store keeps such a path as its raw bytes. It is found again without being
-    re-encoded, shown readably by `status`, and forgotten (its link removed) when it goes."""
+    re-encoded, shown readably by `status`, and forgotten (its link removed) when it goes.
+    Names holding "|" (the separator of a face crop's source) get their representative crop."""
     watch, output = tmp_path / "photos", tmp_path / "sorted"
     a = sorted((DEV / A).iterdir())
     (watch / A).mkdir(parents=True)
     for p in a[1:5]:
-        shutil.copy(p, watch / A / p.name)
+        shutil.copy(p, watch / A / f"a|{p.name}")
     odd = non_utf8_name(watch / A, a[0].read_bytes())
     broken = Path(os.fsdecode(os.path.join(os.fsencode(watch), b"d\xe9fekt.jpg")))
     broken.write_bytes(a[1].read_bytes()[:3000])  # truncated: a failure, recorded under its name
@@ -261,6 +262,7 @@ def test_non_utf8_file_name_is_sorted_and_forgotten(tmp_path):
     assert "Traceback" not in proc.stderr
     folder = _person_folder(output, sorted((watch / A).iterdir()))
     assert folders_holding(output, odd) == {folder}
+    assert (output / folder / "representative.jpg").stat().st_size > 0
     status = run_organizer("status", "--output", str(output)).stdout
     assert "d\\xe9fekt.jpg: " in status, status
     assert [e["path"] for e in status_json(output)["last_errors"]] == [str(watch) + "/d\\xe9fekt.jpg"]

@@ -1,0 +1,150 @@
+"""Cost of keeping the output tree in line with the store, at library sizes.
+
+    uv run python benchmarks/bench_output.py [--sizes 10000,100000]
+
+For each N it builds a store of N one-face photos (synthetic encodings, people of Zipf-like sizes,
+15% strangers in doubtful/; every photo is a hard link to a small real JPEG, so the disk cost
+is the tree itself) and a clustering written straight into the store (no DBSCAN: this measures
+the output stage only). Then it times:
+
+* ``create``: the first reconcile, which makes every link and face crop;
+* ``steady``: a reconcile with nothing to do (what the service paid per batch before);
+* ``one new photo``: a photo added to a known person, then the reconcile the service runs after
+  that batch;
+* the reference, measured in the same run: one ``os.lstat`` of every entry of the output tree
+  (``walk``), the least any check of the whole tree costs.
+
+Each N runs in a fresh subprocess (peak RSS per N). Figures depend on the disk; compare ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+DEV = Path(os.environ.get("ORGANIZER_SHARED", ROOT.parent / "shared")) / "faces" / "dev"
+
+
+def _photo(dest: Path) -> tuple[int, int]:
+    """A small real JPEG with a face (a dev photo scaled to 160 px): crops decode it."""
+    from PIL import Image
+
+    src = sorted(DEV.glob("*/*.jpg"))[0]
+    im = Image.open(src).convert("RGB")
+    im.thumbnail((160, 160))
+    im.save(dest, quality=90)
+    return im.size
+
+
+def worker(n: int, workdir: str) -> dict:
+    from organizer.config import load_config
+    from organizer.encode import FaceRecord, PhotoResult
+    from organizer.output import reconcile
+    from organizer.store import Store
+
+    work = Path(workdir)
+    src, out = work / "photos", work / "sorted"
+    src.mkdir()
+    w, h = _photo(work / "face.jpg")
+    rng = np.random.default_rng(0)
+    n_people = max(5, n // 12)
+    weights = 1.0 / np.arange(1, n_people + 1) ** 1.1
+    who = rng.choice(n_people, n, p=weights / weights.sum())
+    stranger = rng.random(n) < 0.15
+    box = dict(top=h // 4, right=3 * w // 4, bottom=3 * h // 4, left=w // 4)
+    settings = load_config(None, {"paths.watch": str(src), "paths.output": str(out)})
+    t = time.perf_counter()
+    with Store.open(settings.db_path) as store:
+        batch = []
+        for i in range(n):
+            p = src / f"{i // 1000:03d}" / f"img_{i:06d}.jpg"
+            if i % 1000 == 0:  # a file may have at most 65,000 hard links (ext4)
+                p.parent.mkdir()
+                shutil.copy(work / "face.jpg", p.parent / "face.jpg")
+            os.link(p.parent / "face.jpg", p)
+            face = FaceRecord(**box, encoding=rng.normal(size=128), sharpness=100.0)
+            batch.append((str(p), f"{i:064x}", 1000, 0.0, PhotoResult(p, w, h, [face])))
+            if len(batch) == 2000 or i == n - 1:
+                store.record_batch(batch, [], [])
+                batch = []
+        ids = [f for (f,) in store.db.execute("select id from faces order by id")]
+        assignments, members = {}, {}
+        for f, person, alone in zip(ids, who.tolist(), stranger.tolist()):
+            if alone:
+                assignments[f] = (None, True, "no confident match with any person", None)
+            else:
+                assignments[f] = (person + 1, False, None, person + 1)
+                members.setdefault(person + 1, []).append(f)
+        clusters = {c: (len(m), m[0]) for c, m in members.items()}
+        store.save_clustering(assignments, clusters, (), n_people + 1, full=True)
+        setup_s = time.perf_counter() - t
+
+        def timed(fn):
+            t = time.perf_counter()
+            fn()
+            return time.perf_counter() - t
+
+        link_mode, max_pixels = settings.service.link_mode, settings.detection.max_pixels
+        run = lambda: reconcile(store, out, link_mode, max_pixels)  # noqa: E731
+        create_s = timed(run)
+        steady_s = min(timed(run) for _ in range(3))
+
+        def walk():
+            for dirpath, dirnames, filenames in os.walk(out):
+                for name in filenames + dirnames:
+                    os.lstat(os.path.join(dirpath, name))
+
+        walk_s = min(timed(walk) for _ in range(3))
+        entries = sum(len(f) for _, _, f in os.walk(out))
+
+        # one new photo of the biggest person, as a service batch ends: store, clustering, tree
+        p = src / "new.jpg"
+        os.link(work / "face.jpg", p)
+        store.record_batch([(str(p), f"{n:064x}", 1000, 0.0, PhotoResult(p, w, h, [FaceRecord(
+            **box, encoding=rng.normal(size=128), sharpness=100.0)]))], [], [])
+        (f,) = store.db.execute("select max(id) from faces").fetchone()
+        store.save_clustering({f: (1, False, None, 1)}, {1: (clusters[1][0] + 1, clusters[1][1])}, (), n_people + 1)
+        one_s = timed(run)
+        assert (out / "cluster_1" / "new.jpg").exists()
+    return {"n": n, "entries": entries, "setup_s": setup_s, "create_s": create_s, "steady_s": steady_s,
+            "one_s": one_s, "walk_s": walk_s,
+            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="10000,100000")
+    ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--dir", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.dir)))
+        return
+    print("| photos | tree entries | create | steady (nothing to do) | one new photo | walk (lstat every entry) | one new photo / walk | peak RSS |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n in [int(s) for s in args.sizes.split(",")]:
+        with tempfile.TemporaryDirectory(prefix="bench_output_") as d:
+            res = subprocess.run([sys.executable, __file__, "--worker", str(n), "--dir", d],
+                                 capture_output=True, text=True)
+        if res.returncode:
+            sys.exit(f"the worker for {n} photos failed:\n{res.stderr[-3000:]}")
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        print(f"| {n:,} | {r['entries']:,} | {r['create_s']:.1f} s | {r['steady_s']:.2f} s | {r['one_s']:.2f} s | "
+              f"{r['walk_s']:.2f} s | {r['one_s'] / r['walk_s']:.1f}x | {r['rss_mb']:.0f} MB |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
