@@ -79,13 +79,13 @@ def _unique(name: str, taken: set[str]) -> str:
         k += 1
 
 
-def desired_tree(store: Store) -> dict[str, tuple[str, str]]:
+def desired_tree(store: Store, manifest: dict[str, tuple[str, str]] | None = None) -> dict[str, tuple[str, str]]:
     """relpath -> (kind, source) for everything the tree should contain right now.
 
     kind "link": source is the original photo's path; kind "crop": source is
     "<face id>|<photo path>|<top>,<right>,<bottom>,<left>".
     """
-    manifest = store.manifest()
+    manifest = store.manifest() if manifest is None else manifest
     clusters = {c["id"]: c for c in store.clusters()}
     folder = {cid: folder_name(cid, c["name"]) for cid, c in clusters.items()}
     faces = {f.id: f for f in store.faces()}
@@ -107,7 +107,8 @@ def desired_tree(store: Store) -> dict[str, tuple[str, str]]:
     previous: dict[tuple[str, str], str] = {}
     for relpath, (kind, source) in manifest.items():
         if kind == "link":
-            previous[(str(Path(relpath).parent), source)] = Path(relpath).name
+            folder_of, _, name = relpath.rpartition("/")
+            previous[(folder_of, source)] = name
     for dirname, paths in wanted.items():
         taken = {REPRESENTATIVE}
         if dirname == DOUBTFUL:
@@ -120,7 +121,7 @@ def desired_tree(store: Store) -> dict[str, tuple[str, str]]:
                 taken.add(old)
         for path in paths:
             if path not in assigned:
-                assigned[path] = _unique(Path(path).name, taken)
+                assigned[path] = _unique(os.path.basename(path), taken)
                 taken.add(assigned[path])
         for path, name in assigned.items():
             tree[f"{dirname}/{name}"] = ("link", path)
@@ -136,7 +137,7 @@ def desired_tree(store: Store) -> dict[str, tuple[str, str]]:
         f = faces[face_id]
         near = f.nearest_cluster
         near_name = folder.get(near, "nobody") if near is not None else "nobody"
-        base = f"{Path(path).stem}_face{face_id}_nearest_{near_name}.jpg"
+        base = f"{os.path.splitext(os.path.basename(path))[0]}_face{face_id}_nearest_{near_name}.jpg"
         name = _unique(base, crop_taken)
         crop_taken.add(name)
         tree[f"{DOUBTFUL}/faces/{name}"] = ("crop", _crop_source(f, path))
@@ -251,12 +252,20 @@ def _remember_errors(store: Store, errors: list[str]) -> None:
         store.set_meta(OUTPUT_ERRORS, now)
 
 
-def reconcile(store: Store, output: Path, link_mode: str = "hardlink", max_pixels: int = 100_000_000) -> ReconcileReport:
-    """Bring ``output`` in line with the store, touching only entries the organizer created."""
+def reconcile(store: Store, output: Path, link_mode: str = "hardlink", max_pixels: int = 100_000_000,
+              verify: bool = True) -> ReconcileReport:
+    """Bring ``output`` in line with the store, touching only entries the organizer created.
+
+    ``verify``: also check on disk that every entry made earlier is still there and still ours
+    (putting back what someone deleted), and remove every folder left empty. Without it (the
+    service after each batch) an entry the manifest records as made, for the same source, is
+    trusted: the cost is one pass over the store's rows plus what changed, not a stat of every
+    entry of the tree (bench_output.py). Scans, the start and the periodic rescan verify.
+    """
     output = Path(output)
     report = ReconcileReport()
-    desired = desired_tree(store)
     manifest = store.manifest()
+    desired = desired_tree(store, manifest)
     idents = store.manifest_idents()
 
     # 1. forget and delete entries that are no longer wanted (or whose source changed)
@@ -282,6 +291,8 @@ def reconcile(store: Store, output: Path, link_mode: str = "hardlink", max_pixel
     todo = []
     with store.db.atomic():
         for relpath, (kind, source) in sorted(desired.items()):
+            if not verify and idents.get(relpath) is not None and manifest.get(relpath) == (kind, source):
+                continue  # made earlier and unchanged: trusted (see ``verify``)
             dst = output / relpath
             exists = os.path.lexists(dst)  # never raises (a folder we may not enter: "missing")
             if relpath in manifest:
@@ -322,7 +333,9 @@ def reconcile(store: Store, output: Path, link_mode: str = "hardlink", max_pixel
               len(report.errors))
 
     # 3. remove folders left empty (only those that can hold our entries)
-    for folder in sorted({Path(rp).parent for rp in manifest} | {Path(rp).parent for rp in stale}, key=lambda p: -len(p.parts)):
+    # (``verify``: every folder that can hold our entries; otherwise those an entry left just now)
+    folders = {Path(rp).parent for rp in (list(manifest) if verify else []) + stale}
+    for folder in sorted(folders, key=lambda p: -len(p.parts)):
         d = output / folder
         try:
             if folder != Path(".") and d.is_dir() and not any(d.iterdir()):

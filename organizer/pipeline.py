@@ -183,7 +183,7 @@ class Organizer:
             done += len(batch)
             if progress:
                 progress(done, total)
-            self.refresh()
+            self.refresh(verify=False)  # a scan verifies the whole tree once at its end
         return report
 
     def _process_batch(self, batch: list[Path], report: ScanReport, tick) -> None:
@@ -247,7 +247,7 @@ class Organizer:
         if gone:
             self.store.remove_photos(gone)
             log.info("forgot %d removed photo(s)", len(gone))
-            self.refresh()
+            self.refresh(verify=False)
         return len(gone)
 
     # ---- clustering + output ---------------------------------------------------------------
@@ -479,11 +479,12 @@ class Organizer:
             assignments, result.clusters, result.removed, result.next_id, full=full, fingerprint=self._fingerprint()
         )
 
-    def refresh(self) -> None:
-        """Update clusters (incrementally) and reconcile the output tree with the store."""
+    def refresh(self, verify: bool = True) -> None:
+        """Update clusters (incrementally) and reconcile the output tree with the store
+        (``verify``: check every entry on disk too, see :func:`organizer.output.reconcile`)."""
         self.update_clusters()
-        self.reconcile()
+        self.reconcile(verify)
 
-    def reconcile(self):
+    def reconcile(self, verify: bool = True):
         s = self.settings
-        return reconcile(self.store, self.output, s.service.link_mode, s.detection.max_pixels)
+        return reconcile(self.store, self.output, s.service.link_mode, s.detection.max_pixels, verify)

@@ -139,7 +139,7 @@ class Service:
                 dv = store.data_version()
                 if dv != data_version:  # another process changed the store (e.g. `organizer name`)
                     data_version = dv
-                    org.reconcile()
+                    org.reconcile(verify=False)
             self.notify("STOPPING=1")
             log.info("stopped cleanly")
             return 0
