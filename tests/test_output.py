@@ -1,0 +1,65 @@
+"""The output tree's two kinds of update: the full one (scans, start, periodic rescan) checks every
+entry on disk; the per-batch one trusts what the manifest records as made and only acts on what
+changed. Both must leave the same tree."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+from organizer.output import reconcile
+from organizer.store import Store
+
+
+def _entries(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and ".organizer" not in p.parts}
+
+
+def _copy_store(dev_library, tmp_path: Path) -> Path:
+    """The session's scanned store, copied, with an empty output manifest (a tree not made yet)."""
+    db = tmp_path / "organizer.db"
+    src = sqlite3.connect(f"file:{dev_library.db}?mode=ro", uri=True)
+    dst = sqlite3.connect(db)
+    src.backup(dst)
+    dst.execute("delete from output_entries")
+    dst.commit()
+    src.close()
+    dst.close()
+    return db
+
+
+def test_per_batch_update_acts_on_changes_and_trusts_the_rest(dev_library, tmp_path):
+    out = tmp_path / "sorted"
+    with Store.open(_copy_store(dev_library, tmp_path)) as store:
+        made = reconcile(store, out)
+        tree = _entries(out)
+        assert made.created == len(tree) and made.errors == []
+        person = next(p for p in sorted(out.iterdir()) if p.name.startswith("cluster_"))
+        links = sorted(p for p in person.iterdir() if p.name != "representative.jpg")
+        assert len(links) >= 3
+
+        # a link deleted by hand: the per-batch pass trusts the manifest, a full pass puts it back
+        links[0].unlink()
+        assert reconcile(store, out, verify=False).created == 0 and not links[0].exists()
+        assert reconcile(store, out).created == 1 and links[0].exists()
+
+        # a photo forgotten: its link goes at once
+        source = os.readlink(links[1]) if links[1].is_symlink() else next(
+            path for path, _, _ in store.photos_of_faces() if os.path.samefile(path, links[1]))
+        store.remove_photos([source])
+        assert reconcile(store, out, verify=False).removed >= 1 and not links[1].exists()
+
+        # a person named: the folder moves, with the same link names
+        cid = int(person.name.removeprefix("cluster_"))
+        store.set_cluster_name(cid, "Somebody")
+        names_before = {p.name for p in person.iterdir()}
+        reconcile(store, out, verify=False)
+        assert not person.exists()
+        assert {p.name for p in (out / "Somebody").iterdir()} == names_before
+
+        # the tree the per-batch passes left is the one a full update from scratch makes
+        fresh = tmp_path / "fresh"
+        store.db.execute("delete from output_entries")
+        reconcile(store, fresh)
+        assert _entries(out) == _entries(fresh)
