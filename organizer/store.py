@@ -224,6 +224,11 @@ def _py_text(value: str | bytes | None) -> str | None:
     return os.fsdecode(value) if isinstance(value, bytes) else value
 
 
+def _shown(text: str | None) -> str | None:
+    """A message for people (a failure's reason): odd bytes of a file name in it become \\xNN."""
+    return None if text is None else text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _face_arrays(rows):
     ids = np.array([r[0] for r in rows], dtype=np.int64)
     shas = np.array([r[1] for r in rows], dtype=object)
@@ -409,7 +414,7 @@ class Store:
                 "size": size,
                 "mtime": mtime,
                 "status": status,
-                "error": error,
+                "error": _shown(error),
                 "updated_at": now,
             },
             pk="path",

@@ -258,6 +258,9 @@ def test_odd_file_names_are_sorted_and_forgotten(tmp_path):
     odd = non_utf8_name(watch / A, a[0].read_bytes())
     broken = Path(os.fsdecode(os.path.join(os.fsencode(watch), b"d\xe9fekt.jpg")))
     broken.write_bytes(a[1].read_bytes()[:3000])  # truncated: a failure, recorded under its name
+    (tmp_path / "outside").mkdir()
+    elsewhere = non_utf8_name(tmp_path / "outside", a[5].read_bytes())
+    (watch / "link.jpg").symlink_to(elsewhere)  # refused; the reason names the odd target
     proc = run_organizer("scan", "--watch", str(watch), "--output", str(output))
     assert "Traceback" not in proc.stderr
     folder = _person_folder(output, sorted((watch / A).iterdir()))
@@ -265,15 +268,18 @@ def test_odd_file_names_are_sorted_and_forgotten(tmp_path):
     assert (output / folder / "representative.jpg").stat().st_size > 0
     status = run_organizer("status", "--output", str(output)).stdout
     assert "d\\xe9fekt.jpg: " in status, status
-    assert [e["path"] for e in status_json(output)["last_errors"]] == [str(watch) + "/d\\xe9fekt.jpg"]
+    errors = {e["path"]: e["error"] for e in status_json(output)["last_errors"]}
+    assert sorted(errors) == [str(watch) + "/d\\xe9fekt.jpg", str(watch / "link.jpg")]
+    assert "outside/caf\\xe9.jpg" in errors[str(watch / "link.jpg")]
 
     again = run_organizer("scan", "--watch", str(watch), "--output", str(output)).stdout
-    assert again.startswith("6 photos seen, 0 encoded"), again  # the stored name matched the file
+    assert again.startswith("7 photos seen, 0 encoded"), again  # the stored name matched the file
     link = next((output / folder).glob("caf*.jpg"))
     odd.unlink()
     broken.unlink()
+    (watch / "link.jpg").unlink()
     gone = run_organizer("scan", "--watch", str(watch), "--output", str(output)).stdout
-    assert "2 removed" in gone, gone
+    assert "3 removed" in gone, gone
     assert not os.path.lexists(link)
     assert status_json(output)["failed"] == 0
 
