@@ -58,7 +58,12 @@ def safe_name(name: str) -> str:
 
 
 def validate_person_name(name: str) -> str:
-    """Reject names that would collide with the tree's own folders."""
+    """Reject names that would collide with the tree's own folders, or are not text."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # bytes from a terminal that is not set to UTF-8
+        raise ValueError(f"{name.encode('utf-8', 'surrogateescape')!r} is not valid UTF-8 text; "
+                         "check your terminal's character set") from None
     cleaned = safe_name(name)
     if cleaned in (DOUBTFUL, ".organizer") or re.fullmatch(r"cluster_\d+", cleaned):
         raise ValueError(f"{name!r} is reserved; choose another name")

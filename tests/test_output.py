@@ -8,6 +8,8 @@ import os
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from organizer.output import reconcile
 from organizer.store import Store
 
@@ -63,3 +65,18 @@ def test_per_batch_update_acts_on_changes_and_trusts_the_rest(dev_library, tmp_p
         store.db.execute("delete from output_entries")
         reconcile(store, fresh)
         assert _entries(out) == _entries(fresh)
+
+
+def test_person_names_are_checked(tmp_path):
+    from organizer.output import validate_person_name
+
+    from .conftest import run_organizer
+
+    assert validate_person_name("Ann/Bob\\ x") == "Ann_Bob_ x"
+    assert validate_person_name("..hidden") == "hidden"
+    for reserved in ("doubtful", "cluster_12"):
+        with pytest.raises(ValueError, match="reserved"):
+            validate_person_name(reserved)
+    # bytes that are not UTF-8 (a terminal set to Latin-1): a usage error, not a traceback
+    proc = run_organizer("name", "1", os.fsdecode(b"Ren\xe9"), "--output", str(tmp_path), check=False)
+    assert proc.returncode == 2 and "not valid UTF-8" in proc.stderr and "Traceback" not in proc.stderr
