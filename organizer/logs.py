@@ -9,7 +9,15 @@ import sys
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
 
-class JournalFormatter(logging.Formatter):
+class Formatter(logging.Formatter):
+    """A file name that is not UTF-8 shows its odd bytes as \\xNN (as `organizer status` does),
+    not as the surrogates Python decodes them to."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+class JournalFormatter(Formatter):
     """``<6>organizer.pipeline: message``: journald turns the prefix into the entry's priority."""
 
     def format(self, record: logging.LogRecord) -> str:
@@ -23,7 +31,7 @@ def setup_logging(level: str = "INFO") -> None:
     if os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"):
         handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("organizer")
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -263,6 +263,7 @@ def test_odd_file_names_are_sorted_and_forgotten(tmp_path):
     (watch / "link.jpg").symlink_to(elsewhere)  # refused; the reason names the odd target
     proc = run_organizer("scan", "--watch", str(watch), "--output", str(output))
     assert "Traceback" not in proc.stderr
+    assert "/caf\\xe9.jpg: 1 face" in proc.stderr and "\\udc" not in proc.stderr  # logged readably
     folder = _person_folder(output, sorted((watch / A).iterdir()))
     assert folders_holding(output, odd) == {folder}
     assert (output / folder / "representative.jpg").stat().st_size > 0
