@@ -49,12 +49,24 @@ def folder_name(cluster_id: int, name: str | None) -> str:
 
 
 _UNSAFE = re.compile(r"[/\\\x00-\x1f]")
+# Bytes in one file name (ext4, xfs, btrfs, tmpfs: 255; UTF-8 letters take 2-4), less room for the
+# temporary ".<name>.tmp" a crop or a copy is first written to.
+NAME_MAX = 255 - len("..tmp")
+
+
+def _fit(stem: str, tail: str = "", limit: int = NAME_MAX) -> str:
+    """``stem + tail``, the stem shortened by whole characters until the name fits in ``limit``
+    bytes: the names the organizer makes from photo and person names must stay creatable."""
+    room = limit - len(os.fsencode(tail))
+    while stem and len(os.fsencode(stem)) > room:
+        stem = stem[:-1]
+    return stem + tail
 
 
 def safe_name(name: str) -> str:
     """A person's name as a single, harmless folder name."""
     cleaned = _UNSAFE.sub("_", name).strip().lstrip(".")
-    return cleaned[:200] or "_"
+    return _fit(cleaned[:200]) or "_"
 
 
 def validate_person_name(name: str) -> str:
@@ -78,7 +90,7 @@ def _unique(name: str, taken: set[str]) -> str:
         stem, ext = name, ""
     k = 2
     while True:
-        candidate = f"{stem}_{k}.{ext}" if dot else f"{stem}_{k}"
+        candidate = _fit(stem, f"_{k}.{ext}" if dot else f"_{k}")
         if candidate not in taken:
             return candidate
         k += 1
@@ -126,7 +138,8 @@ def desired_tree(store: Store, manifest: dict[str, tuple[str, str]] | None = Non
                 taken.add(old)
         for path in paths:
             if path not in assigned:
-                assigned[path] = _unique(os.path.basename(path), taken)
+                stem, ext = os.path.splitext(os.path.basename(path))
+                assigned[path] = _unique(_fit(stem, ext), taken)
                 taken.add(assigned[path])
         for path, name in assigned.items():
             tree[f"{dirname}/{name}"] = ("link", path)
@@ -141,8 +154,8 @@ def desired_tree(store: Store, manifest: dict[str, tuple[str, str]] | None = Non
     for path, face_id in doubtful_faces:
         f = faces[face_id]
         near = f.nearest_cluster
-        near_name = folder.get(near, "nobody") if near is not None else "nobody"
-        base = f"{os.path.splitext(os.path.basename(path))[0]}_face{face_id}_nearest_{near_name}.jpg"
+        near_name = _fit(folder.get(near, "nobody") if near is not None else "nobody", limit=100)
+        base = _fit(os.path.splitext(os.path.basename(path))[0], f"_face{face_id}_nearest_{near_name}.jpg")
         name = _unique(base, crop_taken)
         crop_taken.add(name)
         tree[f"{DOUBTFUL}/faces/{name}"] = ("crop", _crop_source(f, path))

@@ -5,6 +5,7 @@ changed. Both must leave the same tree."""
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -80,3 +81,26 @@ def test_person_names_are_checked(tmp_path):
     # bytes that are not UTF-8 (a terminal set to Latin-1): a usage error, not a traceback
     proc = run_organizer("name", "1", os.fsdecode(b"Ren\xe9"), "--output", str(tmp_path), check=False)
     assert proc.returncode == 2 and "not valid UTF-8" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_names_made_from_long_names_fit_the_file_system(tmp_path):
+    """File names are limited to 255 bytes (and a letter like é takes two). A long photo name
+    must still get its face crop, and a long person name its folder, including the temporary
+    name a crop is first written to."""
+    from organizer.output import NAME_MAX, _unique, safe_name, validate_person_name
+
+    from .conftest import DEV, run_organizer
+
+    assert len(os.fsencode(safe_name("日" * 200))) <= NAME_MAX
+    assert len(os.fsencode(_unique("a" * 246 + ".jpg", {"a" * 246 + ".jpg"}))) <= NAME_MAX
+    assert validate_person_name("Ann") == "Ann"
+
+    watch, output = tmp_path / "photos", tmp_path / "sorted"
+    watch.mkdir()
+    long_name = "é" * 120 + "x.jpg"  # 245 bytes: a valid name, but "<stem>_face1_nearest_nobody.jpg" is not
+    shutil.copy(sorted((DEV / "Colin_Powell").iterdir())[0], watch / long_name)
+    proc = run_organizer("scan", "--watch", str(watch), "--output", str(output))
+    assert "ERROR" not in proc.stderr, proc.stderr[-2000:]
+    crops = list((output / "doubtful" / "faces").iterdir())  # one photo of a person: doubtful
+    assert len(crops) == 1 and crops[0].name.endswith("_face1_nearest_nobody.jpg")
+    assert (output / "doubtful" / long_name).exists()
