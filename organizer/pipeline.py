@@ -153,12 +153,10 @@ class Organizer:
         report = report or ScanReport()
         if not self.upgrade_encodings(stop):  # before new faces join the old ones
             return report
-        known = self.store.photo_states()
+        paths = [p for p in (Path(os.path.abspath(p)) for p in paths) if is_candidate(p)]
+        known = self.store.photo_states(str(p) for p in paths)
         todo = []
         for path in paths:
-            path = Path(os.path.abspath(path))
-            if not is_candidate(path):
-                continue
             try:
                 st = os.stat(path)
                 state = known.get(str(path))

@@ -51,3 +51,21 @@ def test_deleted_faces_are_logged_for_the_clustering(tmp_path):
         with store.db.conn:
             store.db.conn.execute("delete from faces where id=?", [victim])  # a hand edit
         assert store.take_removed_faces() == {victim}
+
+
+def test_paths_round_trip_and_are_looked_up_by_key(tmp_path):
+    """Any path the file system can hold comes back as it went in (a name that is not UTF-8 is
+    kept as bytes), in the full listing and when a batch asks for its own paths only."""
+    import os
+
+    odd = os.fsdecode(b"/p/caf\xe9.jpg")
+    paths = ["/p/a.jpg", odd, "/p/x|y.jpg", "/p/é.jpg"]
+    with Store.open(tmp_path / "o.db") as store:
+        store.record_batch([], [], [(p, i + 1, float(i), f"reason {i}") for i, p in enumerate(paths)])
+        every = store.photo_states()
+        assert set(every) == set(paths)
+        assert store.photo_states([odd, "/p/a.jpg", "/p/missing.jpg"]) == {p: every[p] for p in (odd, "/p/a.jpg")}
+        assert store.error_of(odd) == "reason 1"
+        assert [e["path"] for e in store.failures()] == sorted(paths, key=lambda p: (p == odd, p))
+        store.remove_photos([odd])
+        assert set(store.photo_states()) == set(paths) - {odd}
