@@ -17,11 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pillow_heif
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif",
+                            ".heic", ".heif", ".avif"})
 # Files that are still being written by a browser, rsync, a download manager or an editor.
 PARTIAL_SUFFIXES = frozenset({".part", ".partial", ".crdownload", ".download", ".tmp", ".temp", ".swp"})
 
@@ -32,6 +34,10 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # decoded. PIL's own fixed limit (2 x 89 MP, raised inside Image.open) would otherwise refuse a
 # 200 MP panorama even when the user raised max_pixels to allow it.
 Image.MAX_IMAGE_PIXELS = None
+# HEIC/HEIF, what iPhones save by default, through pillow-heif (libheif). It applies the file's
+# own rotation (irot/imir) while decoding and reports EXIF orientation 1, so exif_transpose below
+# does not turn the photo a second time. AVIF is Pillow's own.
+pillow_heif.register_heif_opener()
 
 
 class IngestError(Exception):

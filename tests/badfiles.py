@@ -154,13 +154,13 @@ def _jpeg_bytes(im: Image.Image) -> bytes:
 def make_corpus(dest: Path, a: list[Path], b: list[Path], outside: Path, seed: int = 6) -> list[Case]:
     """Write the corpus into ``dest`` (a folder inside the watched tree).
 
-    ``a``: at least 7 real photos of one person (the unusual-format cases, each from its own photo;
+    ``a``: at least 9 real photos of one person (the unusual-format cases, each from its own photo;
     the eight orientations all from a[0]); ``b``: at least 4 photos of another person (the odd
     file names, and a photo inside a folder named like an image); ``outside``: a folder outside
     the watched tree (target of the escaping symlink). Returns the cases.
     """
-    if len(a) < 7 or len(b) < 4:
-        raise ValueError("make_corpus needs 7 photos of one person and 4 of another")
+    if len(a) < 9 or len(b) < 4:
+        raise ValueError("make_corpus needs 9 photos of one person and 4 of another")
     rng = random.Random(seed)
     dest.mkdir(parents=True, exist_ok=True)
     cases: list[Case] = []
@@ -207,6 +207,8 @@ def make_corpus(dest: Path, a: list[Path], b: list[Path], outside: Path, seed: i
         ("palette_transparent", "palette.png", palette_transparent_png),
         ("animated_gif", "animated.gif", lambda im, p: animated_gif(im, p, seed)),
         ("broken_exif", "broken_exif.jpg", lambda im, p: p.write_bytes(broken_exif_jpeg(_jpeg_bytes(im)))),
+        ("heic_turned", "IMG_0001.HEIC", iphone_heic),
+        ("avif", "photo.avif", lambda im, p: im.convert("RGB").save(p, format="AVIF")),
     ]
     for (name, filename, make), photo in zip(makers, a[1:]):
         with Image.open(photo) as im:
@@ -222,6 +224,17 @@ def make_corpus(dest: Path, a: list[Path], b: list[Path], outside: Path, seed: i
     cases.append(Case("dir_named_jpg", album, "folder"))
     add("inside_dir_named_jpg", "album.jpg/inside.jpg", "face", source=b[3]).write_bytes(b[3].read_bytes())
     return cases
+
+
+def iphone_heic(im: Image.Image, dest: Path) -> None:
+    """A HEIC as a phone held upright saves it: the sensor's pixels turned a quarter, with the
+    turn recorded (EXIF orientation 6; pillow-heif stores it as the file's own rotation)."""
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    im.convert("RGB").transpose(Image.Transpose.ROTATE_90).save(dest, format="HEIF", exif=exif.tobytes())
 
 
 def non_utf8_name(dest: Path, data: bytes) -> Path:
@@ -370,6 +383,6 @@ def _no_preexec() -> None:
 if __name__ == "__main__":
     out = Path(sys.argv[1])
     photos = [Path(p) for p in sys.argv[2:]]
-    made = make_corpus(out / "corpus", photos[:7], photos[7:], out / "outside")
+    made = make_corpus(out / "corpus", photos[:9], photos[9:], out / "outside")
     for c in made:
         print(f"{c.expect:9} {c.name:22} {c.path.name!r}")

@@ -58,7 +58,7 @@ def bad_run(tmp_path_factory):
         shutil.copytree(DEV / person, watch / "people" / person)
     a = sorted((watch / "people" / A).iterdir())
     b = sorted((watch / "people" / B).iterdir())
-    cases = make_corpus(watch / "corpus", a[:7], b[:4], root / "outside")
+    cases = make_corpus(watch / "corpus", a[:9], b[:4], root / "outside")
     odd = [non_utf8_name(watch / "corpus", b[5].read_bytes())]  # a name that is not UTF-8
     originals = tree_hashes(watch)
     outside = tree_hashes(root / "outside")
@@ -75,7 +75,7 @@ def bad_run(tmp_path_factory):
 
         # the same kinds of file again, arriving while it runs: a folder moved in (watcher, not rescan)
         staging = root / "staging"
-        live_cases = make_corpus(staging, a[:7], b[:4], root / "outside2", seed=7)
+        live_cases = make_corpus(staging, a[:9], b[:4], root / "outside2", seed=7)
         os.rename(staging, watch / "live")
         for c in live_cases:
             c.path = watch / "live" / c.path.relative_to(staging)
@@ -134,7 +134,7 @@ def test_valid_photos_around_bad_files_are_sorted(bad_run):
 @pytest.mark.parametrize("kind", ["orientation_1", "orientation_2", "orientation_3", "orientation_4",
                                   "orientation_5", "orientation_6", "orientation_7", "orientation_8",
                                   "cmyk", "gray16", "rgb16", "palette_transparent", "animated_gif",
-                                  "broken_exif", "unicode_name", "spaces_name", "newline_name",
+                                  "broken_exif", "heic_turned", "avif", "unicode_name", "spaces_name", "newline_name",
                                   "inside_dir_named_jpg"])
 def test_unusual_image_found_and_sorted_with_its_person(bad_run, kind):
     output = bad_run["output"]

@@ -13,7 +13,7 @@ from .conftest import DEV, run_organizer, tree_hashes
 
 
 def test_candidate_names():
-    for name in ["a.jpg", "b.JPEG", "c.Png", "d.webp", "e.bmp", "f.tif", "g.TIFF", "h.gif"]:
+    for name in ["a.jpg", "b.JPEG", "c.Png", "d.webp", "e.bmp", "f.tif", "g.TIFF", "h.gif", "IMG_1.HEIC", "j.heif", "k.avif"]:
         assert is_candidate(Path(name)), name
     for name in [".hidden.jpg", "a.jpg.part", "b.crdownload", "c.txt", "d.heic.tmp", "~lock.jpg", "noext"]:
         assert not is_candidate(Path(name)), name
