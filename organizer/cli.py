@@ -152,7 +152,7 @@ def recluster(settings: Settings):
     from .pipeline import Organizer
 
     _require(settings, "output")
-    with Store.open(settings.db_path) as store:
+    with Store.open(settings.db_path, create=False) as store:  # a mistyped --output: no new store
         org = Organizer(settings, store, workers=1)
         try:
             org.recluster()

@@ -210,6 +210,11 @@ def app_hint(path: Path) -> str | None:
         return None
 
 
+def _require_existing(path: Path) -> None:
+    if not path.exists():
+        raise StoreError(f"no store at {path} yet (run `organizer scan` or `organizer run` first)")
+
+
 def _db_text(text: str) -> str | bytes:
     """A path (or text holding one) as the store keeps it.
 
@@ -262,9 +267,12 @@ class Store:
 
     # ---- opening -------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: Path) -> "Store":
-        """Open (creating if needed) for writing; refuses a second writer on the same store."""
+    def open(cls, path: Path, create: bool = True) -> "Store":
+        """Open (creating if needed, unless not ``create``) for writing; refuses a second writer
+        on the same store."""
         path = Path(path)
+        if not create:
+            _require_existing(path)
         _check_foreign(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -302,8 +310,7 @@ class Store:
         otherwise relies on SQLite's own locking for the single write (``locked`` is False).
         """
         path = Path(path)
-        if not path.exists():
-            raise StoreError(f"no store at {path} yet (run `organizer scan` or `organizer run` first)")
+        _require_existing(path)
         try:
             return cls.open(path)
         except StoreError as exc:
@@ -323,8 +330,7 @@ class Store:
     def open_readonly(cls, path: Path) -> "Store":
         """Open for reading while a service may be writing (WAL allows it)."""
         path = Path(path)
-        if not path.exists():
-            raise StoreError(f"no store at {path} yet (run `organizer scan` or `organizer run` first)")
+        _require_existing(path)
         _check_foreign(path)
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
         db = sqlite_utils.Database(conn)

@@ -49,3 +49,10 @@ def test_recluster_equals_engine_and_one_photo_changes_one_folder(tmp_path):
     assert changed == holders, (changed, holders)
     for f in holders:
         assert after[f] - engine_tree.get(f, frozenset()) == {dst.name}
+
+
+def test_recluster_without_a_store_creates_nothing(tmp_path):
+    """A mistyped --output must not leave a new, empty store (and folder) behind."""
+    proc = run_organizer("recluster", "--output", str(tmp_path / "typo"), check=False)
+    assert proc.returncode == 1 and "no store at" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "typo").exists()
