@@ -13,7 +13,7 @@ import click
 
 from . import __version__
 from .config import ConfigError, Settings, load_config
-from .logs import setup_logging
+from .logs import printable, setup_logging
 from .store import Store, StoreError
 
 log = logging.getLogger("organizer")
@@ -116,8 +116,6 @@ def scan(settings: Settings):
 @click.option("--errors", default=10, show_default=True, help="How many recent errors to list.")
 def status(settings: Settings, as_json: bool, errors: int):
     """What the store knows: photos, faces, people, doubtful faces, failures."""
-    from .ingest import printable
-
     with Store.open_readonly(settings.db_path) as store:
         st = store.status(errors)
         # a name that is not UTF-8 is shown with its odd bytes as \xNN (stdout must be text)

@@ -20,6 +20,8 @@ import numpy as np
 import pillow_heif
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from .logs import printable
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif",
@@ -76,11 +78,6 @@ def _inside(path: Path, roots: Iterable[Path]) -> bool:
         except ValueError:
             continue
     return False
-
-
-def printable(path: Path | str) -> str:
-    """A path as text that can be logged or shown: undecodable bytes appear as \\xNN."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def discover(watch: Path, exclude: Iterable[Path] = (), unreadable: list[Path] | None = None) -> Iterator[Path]:

@@ -9,12 +9,17 @@ import sys
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
 
+def printable(text: str | os.PathLike) -> str:
+    """Text (a path, or a message quoting one) as it can be logged, shown or stored: the bytes of a
+    file name that is not UTF-8, which Python decodes to lone surrogates, appear as \\xNN."""
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
 class Formatter(logging.Formatter):
-    """A file name that is not UTF-8 shows its odd bytes as \\xNN (as `organizer status` does),
-    not as the surrogates Python decodes them to."""
+    """Log lines through :func:`printable` (as `organizer status` shows names)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return super().format(record).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        return printable(super().format(record))
 
 
 class JournalFormatter(Formatter):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .config import Settings
 from .encode import EncoderUnavailable, check_models
-from .ingest import discover, is_candidate, printable
+from .ingest import discover, is_candidate
 from .pipeline import Organizer, has_entries
 from .store import Store, StoreError, damaged_store_message
 from .watch import Settler, Watcher

@@ -20,6 +20,8 @@ import numpy as np
 import sqlite_utils
 from sqlite_utils.migrations import Migrations
 
+from .logs import printable
+
 APP_ID = "organizer"
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
@@ -236,11 +238,6 @@ def _py_text(value: str | bytes | None) -> str | None:
     return os.fsdecode(value) if isinstance(value, bytes) else value
 
 
-def _shown(text: str | None) -> str | None:
-    """A message for people (a failure's reason): odd bytes of a file name in it become \\xNN."""
-    return None if text is None else text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
 def _face_arrays(rows):
     ids = np.array([r[0] for r in rows], dtype=np.int64)
     shas = np.array([r[1] for r in rows], dtype=object)
@@ -434,7 +431,7 @@ class Store:
                 "size": size,
                 "mtime": mtime,
                 "status": status,
-                "error": _shown(error),
+                "error": None if error is None else printable(error),  # may quote an odd name
                 "updated_at": now,
             },
             pk="path",
