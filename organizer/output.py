@@ -96,13 +96,13 @@ def _unique(name: str, taken: set[str]) -> str:
         k += 1
 
 
-def desired_tree(store: Store, manifest: dict[str, tuple[str, str]] | None = None) -> dict[str, tuple[str, str]]:
-    """relpath -> (kind, source) for everything the tree should contain right now.
+def desired_tree(store: Store, manifest: dict[str, tuple[str, str]]) -> dict[str, tuple[str, str]]:
+    """relpath -> (kind, source) for everything the tree should contain right now (``manifest``:
+    what it holds, whose names are kept).
 
     kind "link": source is the original photo's path; kind "crop": source is
     "<face id>|<photo path>|<top>,<right>,<bottom>,<left>".
     """
-    manifest = store.manifest() if manifest is None else manifest
     clusters = {c["id"]: c for c in store.clusters()}
     folder = {cid: folder_name(cid, c["name"]) for cid, c in clusters.items()}
     faces = {f.id: f for f in store.faces()}
@@ -282,9 +282,8 @@ def reconcile(store: Store, output: Path, link_mode: str = "hardlink", max_pixel
     """
     output = Path(output)
     report = ReconcileReport()
-    manifest = store.manifest()
+    manifest, idents = store.manifest()
     desired = desired_tree(store, manifest)
-    idents = store.manifest_idents()
 
     # 1. forget and delete entries that are no longer wanted (or whose source changed)
     stale = [rp for rp, entry in manifest.items() if desired.get(rp) != entry]

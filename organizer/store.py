@@ -628,14 +628,16 @@ class Store:
         return _py_text(row[0]) if row else None
 
     # ---- output manifest -----------------------------------------------------------------
-    def manifest(self) -> dict[str, tuple[str, str]]:
-        """relpath -> (kind, source) of every output entry the organizer created (or intends to)."""
-        return {_py_text(r[0]): (r[1], _py_text(r[2]))
-                for r in self.db.execute("select relpath, kind, source from output_entries")}
-
-    def manifest_idents(self) -> dict[str, str | None]:
-        """relpath -> identity of the file we created (device:inode, or the symlink target)."""
-        return {_py_text(r[0]): r[1] for r in self.db.execute("select relpath, ident from output_entries")}
+    def manifest(self) -> tuple[dict[str, tuple[str, str]], dict[str, str | None]]:
+        """Every output entry the organizer created (or intends to), in one read: relpath ->
+        (kind, source), and relpath -> identity of the file made (device:inode, or the symlink
+        target; None until it is made)."""
+        entries, idents = {}, {}
+        for relpath, kind, source, ident in self.db.execute("select relpath, kind, source, ident from output_entries"):
+            relpath = _py_text(relpath)
+            entries[relpath] = (kind, _py_text(source))
+            idents[relpath] = ident
+        return entries, idents
 
     def manifest_add(self, relpath: str, kind: str, source: str) -> None:
         self.db["output_entries"].upsert(
