@@ -14,6 +14,8 @@ import click
 from . import __version__
 from .config import ConfigError, Settings, load_config
 from .logs import printable, setup_logging
+from .methods import ALGORITHMS
+from .perturb import KINDS as PERTURB_KINDS
 from .store import Store, StoreError
 
 log = logging.getLogger("organizer")
@@ -87,7 +89,10 @@ def run(settings: Settings, polling):
 
 @cli.command()
 @common_options
-def scan(settings: Settings):
+@click.option("--algorithm", type=click.Choice(ALGORITHMS), default="dbscan", show_default=True,
+              help="Batch clustering method for this scan's people (for comparison; the service always "
+                   "uses dbscan and goes back to it at its next start).")
+def scan(settings: Settings, algorithm: str):
     """Process every photo in the watched folder once, then exit."""
     from .encode import check_models
     from .pipeline import Organizer
@@ -100,6 +105,9 @@ def scan(settings: Settings):
         try:
             with progress_reporter("Scanning") as progress:
                 report = org.scan(progress=progress)
+            if algorithm != "dbscan":
+                org.recluster(algorithm)
+                org.reconcile()
         finally:
             org.close()
         st = store.status()
@@ -188,6 +196,28 @@ def name(settings: Settings, cluster_id: int, name: str | None, clear: bool):
     finally:
         store.close()
     click.echo(f"cluster {cluster_id} is now {value or f'cluster_{cluster_id}'}")
+
+
+@cli.command()
+@click.option("--labels", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Labelled photos: one folder per person (DIR/<person>/<photo>).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="TOML config file (its detection and clustering settings; its folders are not used).")
+@click.option("--algorithm", "algorithms", multiple=True, type=click.Choice(ALGORITHMS),
+              help="Clustering method to score (repeat to compare; default dbscan, the service's).")
+@click.option("--sweep", "sweeps", multiple=True, metavar="NAME=START:STOP:STEP",
+              help="Score a range of a clustering setting (eps, min_samples, doubt_margin, linkage_threshold); "
+                   "repeat for a grid.")
+@click.option("--perturb", "perturbs", multiple=True, type=click.Choice(PERTURB_KINDS),
+              help="Also run on degraded copies (repeatable): how faces found and F1 fall.")
+@click.option("--keep", type=click.Path(file_okay=False, path_type=Path),
+              help="Keep the store and output tree here (a new or empty folder) instead of a temporary one.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def evaluate(labels, config_path, algorithms, sweeps, perturbs, keep, as_json):
+    """Score the sorting against labelled photos: pairwise and BCubed precision/recall/F1."""
+    from .insight import run_evaluate
+
+    run_evaluate(labels, config_path, algorithms, sweeps, perturbs, keep, as_json)
 
 
 @cli.group()

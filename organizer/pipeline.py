@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .cluster import REASON_UNUSABLE, Neighbours, average_linkage_split, People, batch_labels
+from .cluster import REASON_UNUSABLE, Neighbours, average_linkage_split, People
 from .incremental_dbscan import IncrementalDBSCAN, load_arrays, load_state, save_arrays, save_state
+from .methods import cluster_labels, refined
 
 from .config import Settings
 from .encode import EncoderPool, encoder_id
@@ -249,22 +250,24 @@ class Organizer:
         return len(gone)
 
     # ---- clustering + output ---------------------------------------------------------------
-    def recluster(self) -> None:
+    def recluster(self, algorithm: str = "dbscan") -> None:
         """Batch: scikit-learn DBSCAN over every usable face, people derived from scratch.
 
         The reference for the incremental engine and a repair tool; ids stay stable.
+        ``algorithm``: another batch method to compare with (:mod:`organizer.methods`); its result
+        is saved as stale, so the service's next start derives people from DBSCAN again.
         """
         self.upgrade_encodings()
         c, d = self.settings.clustering, self.settings.detection
         ids, shas, enc, sharp, size = self.store.usable_encodings(d.min_face_size, d.min_sharpness)
         t0 = time.monotonic()
-        labels = batch_labels(enc, c.eps, c.min_samples)
-        log.info("batch DBSCAN (scikit-learn) over %d faces: %d clusters in %.1f s", len(ids),
+        labels = cluster_labels(algorithm, enc, c)
+        log.info("batch %s over %d faces: %d clusters in %.1f s", algorithm, len(ids),
                  len(set(labels.tolist()) - {-1}), time.monotonic() - t0)
         clusters = {int(lab): ids[labels == lab].tolist() for lab in np.unique(labels) if lab >= 0}
         index = Neighbours(ids, enc)
         row = {int(f): i for i, f in enumerate(ids)}
-        people = People(c, average_linkage_split if c.linkage_threshold > 0 else None)
+        people = People(c, average_linkage_split if c.linkage_threshold > 0 and refined(algorithm) else None)
         result = people.derive(
             clusters,
             vec=lambda f: enc[row[f]],
@@ -275,7 +278,8 @@ class Organizer:
             previous=self.store.cluster_assignments(),
             next_id=self.store.next_cluster_id(),
         )
-        self._save(result, full=True, unusable_hint=lambda v, r: index.within_many(v[None, :], r)[0], cid=people.cid)
+        self._save(result, full=True, unusable_hint=lambda v, r: index.within_many(v[None, :], r)[0], cid=people.cid,
+                   fingerprint=None if algorithm == "dbscan" else f"method:{algorithm}")
         self._engine = None  # the incremental state is rebuilt from the store on next use
         self._people = None
 
@@ -460,8 +464,9 @@ class Organizer:
             except OSError as exc:
                 log.warning("could not save the clustering state: %s", exc)
 
-    def _save(self, result, full: bool, unusable_hint, cid) -> None:
-        """Store a clustering result, plus doubt for faces too small or blurred to cluster."""
+    def _save(self, result, full: bool, unusable_hint, cid, fingerprint: str | None = None) -> None:
+        """Store a clustering result, plus doubt for faces too small or blurred to cluster
+        (``fingerprint``: of the settings that made it, by default the current ones')."""
         d = self.settings.detection
         assignments = {
             f: (a.cluster_id, a.doubtful, a.reason, a.nearest_cluster) for f, a in result.assignments.items()
@@ -474,7 +479,7 @@ class Organizer:
             best = sorted((dd, cid[g]) for g, dd in zip(near.tolist(), dist.tolist()) if cid.get(g) is not None)
             assignments[f] = (None, True, REASON_UNUSABLE, best[0][1] if best else None)
         self.store.save_clustering(
-            assignments, result.clusters, result.removed, result.next_id, full=full, fingerprint=self._fingerprint()
+            assignments, result.clusters, result.removed, result.next_id, full=full, fingerprint=fingerprint or self._fingerprint()
         )
 
     def refresh(self, verify: bool = True) -> None:
