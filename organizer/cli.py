@@ -220,6 +220,19 @@ def evaluate(labels, config_path, algorithms, sweeps, perturbs, keep, as_json):
     run_evaluate(labels, config_path, algorithms, sweeps, perturbs, keep, as_json)
 
 
+@cli.command()
+@common_options
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="HTML file to write.")
+def report(settings: Settings, out: Path):
+    """Write a self-contained HTML report on the clustering (plots, scores, the eps curve)."""
+    from .report import write_report
+
+    _require(settings, "output")
+    with Store.open_readonly(settings.db_path) as store:
+        data = write_report(store, settings, out)
+    click.echo(f"{out}: {data.people} people, {data.faces} faces ({data.doubtful} doubtful), {len(data.plots)} plots")
+
+
 @cli.group()
 def config():
     """Configuration helpers."""

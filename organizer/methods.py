@@ -46,17 +46,19 @@ def k_range(n: int, points: int = 16) -> list[int]:
     return sorted({int(round(k)) for k in np.geomspace(2, hi, points)} & set(range(2, max(3, n))))
 
 
-def kmeans_curve(enc: np.ndarray, ks: list[int] | None = None, seed: int = 0) -> KMeansCurve:
+def kmeans_curve(enc: np.ndarray, ks: list[int] | None = None, seed: int = 0, sample: int = KMEANS_SAMPLE,
+                 n_init: int = 3) -> KMeansCurve:
+    """Inertia and silhouette for each k (by default :func:`k_range`), on at most ``sample`` faces."""
     from sklearn.cluster import KMeans
     from sklearn.metrics import silhouette_score
 
     rng = np.random.default_rng(seed)
-    x = enc if len(enc) <= KMEANS_SAMPLE else enc[np.sort(rng.choice(len(enc), KMEANS_SAMPLE, replace=False))]
+    x = enc if len(enc) <= sample else enc[np.sort(rng.choice(len(enc), sample, replace=False))]
     curve = KMeansCurve(sampled=len(x))
     for k in ks or k_range(len(x)):
         if not 2 <= k < len(x):
             continue
-        km = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(x)
+        km = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(x)
         curve.ks.append(k)
         curve.inertia.append(float(km.inertia_))
         curve.silhouette.append(float(silhouette_score(x, km.labels_)))
