@@ -116,7 +116,7 @@ class Scores:
     bcubed_recall: float
     bcubed_f1: float
     coverage: float  # share of the labelled photos placed in some person folder
-    once_placed: float  # share of the people seen in one photo only who were put in a folder
+    once_placed: float | None  # share of the people seen in one photo only put in a folder (None: none seen once)
     clusters: int  # person folders holding at least one labelled photo
 
 
@@ -129,7 +129,7 @@ def score(truth: dict[str, str], predicted: dict[str, set[str]]) -> Scores:
     once = [p for p in truth if photos_of[truth[p]] == 1]
     folders = {f for p in truth for f in predicted.get(p, ())}
     return Scores(pw["precision"], pw["recall"], pw["f1"], bc["precision"], bc["recall"], bc["f1"],
-                  pw["coverage"], sum(1 for p in once if predicted.get(p)) / len(once) if once else 0.0,
+                  pw["coverage"], sum(1 for p in once if predicted.get(p)) / len(once) if once else None,
                   len(folders))
 
 

@@ -27,7 +27,7 @@ def _table(runs) -> list[str]:
         s = r.scores
         lines.append(f"{r.algorithm:17} {_fmt_params(r.params):24} {s.precision:6.3f} {s.recall:6.3f} {s.f1:6.3f} "
                      f"{s.bcubed_precision:6.3f} {s.bcubed_recall:6.3f} {s.bcubed_f1:6.3f} {s.coverage:6.2f} "
-                     f"{s.once_placed:5.2f} {s.clusters:6d} {r.seconds:6.2f}s")
+                     f"{'-' if s.once_placed is None else f'{s.once_placed:.2f}':>5} {s.clusters:6d} {r.seconds:6.2f}s")
     return lines
 
 
@@ -65,8 +65,8 @@ def run_evaluate(labels: Path, config_path, algorithms, sweeps, perturbs, keep, 
             runs = []
             for algorithm in algorithms:
                 for params in grid:
-                    # the first run is the one the kept tree shows
-                    runs.append(ev.run(algorithm, params, tree=not runs))
+                    runs.append(ev.run(algorithm, params))
+            ev.run(runs[0].algorithm, runs[0].params, tree=True)  # the store and tree kept show the first row
             perturbed = []
             if perturbs:
                 clean_run = next((r for r in runs if r.algorithm == "dbscan" and not r.params), None) or ev.run()
