@@ -13,7 +13,7 @@ import click
 from pydantic import ValidationError
 
 from .config import ConfigError, load_config
-from .evaluate import Evaluation, perturbed_runs, sweep_grid
+from .evaluate import Evaluation, PerturbedRun, perturbed_runs, sweep_grid
 
 
 def _fmt_params(params: dict) -> str:
@@ -42,8 +42,6 @@ def _perturb_table(clean, rows) -> list[str]:
 
 
 def run_evaluate(labels: Path, config_path, algorithms, sweeps, perturbs, keep, as_json: bool) -> None:
-    from .evaluate import PerturbedRun
-
     try:
         settings = load_config(config_path)
         grid = sweep_grid(list(sweeps))

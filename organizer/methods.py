@@ -70,8 +70,14 @@ def _kmeans(enc: np.ndarray, cfg) -> np.ndarray:
 
     if len(enc) < 3:
         return np.full(len(enc), -1, dtype=int)
-    k = kmeans_curve(enc).best_k
-    return KMeans(n_clusters=k, n_init=3, random_state=0).fit(enc).labels_.astype(int)
+    # KMeans' seeding depends on the order of its input: fit on the encodings in a canonical
+    # (lexicographic) order, so the result is a function of the set of faces, as DBSCAN's is
+    order = np.lexsort(enc.T[::-1])
+    x = enc[order]
+    k = kmeans_curve(x).best_k
+    labels = np.empty(len(enc), dtype=int)
+    labels[order] = KMeans(n_clusters=k, n_init=3, random_state=0).fit(x).labels_
+    return labels
 
 
 def _agglomerative(enc: np.ndarray, cfg) -> np.ndarray:

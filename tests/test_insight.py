@@ -141,6 +141,17 @@ def test_kmeans_picks_k_by_silhouette():
     assert curve.inertia == sorted(curve.inertia, reverse=True)  # the elbow curve falls
 
 
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_methods_depend_on_the_set_of_faces_not_their_order(algorithm):
+    enc, _ = _blobs(n_people=5, per=5, seed=4)
+    order = np.random.default_rng(2).permutation(len(enc))
+    cfg = load_config().clustering
+    a, b = cluster_labels(algorithm, enc, cfg)[order], cluster_labels(algorithm, enc[order], cfg)
+    same_a = a[:, None] == a[None, :]
+    same_b = b[:, None] == b[None, :]
+    assert (same_a == same_b).all() and ((a < 0) == (b < 0)).all(), algorithm
+
+
 # ---- scan --algorithm ----------------------------------------------------------------------------
 
 
