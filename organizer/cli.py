@@ -17,6 +17,7 @@ from .logs import printable, setup_logging
 from .methods import ALGORITHMS
 from .perturb import KINDS as PERTURB_KINDS
 from .store import Store, StoreError
+from .storefile import unusable_message
 
 log = logging.getLogger("organizer")
 
@@ -51,11 +52,7 @@ def common_options(fn):
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
         except sqlite3.DatabaseError as exc:
-            click.echo(
-                f"error: cannot use the store {settings.db_path}: {exc}. Is the disk full, read-only or "
-                "failing? Nothing committed is lost; run the command again once it is fixed.",
-                err=True,
-            )
+            click.echo(f"error: {unusable_message(settings.db_path, exc)}", err=True)
             sys.exit(1)
 
     return wrapper

@@ -39,7 +39,7 @@ def most_central(store, members: list[int], k: int = GRID * GRID) -> list[int]:
     chosen = _CHOSEN.get(key)
     if chosen is None:
         got = store.faces_by_id(members)
-        ids, enc = np.asarray(got[0]), np.asarray(got[2])
+        ids, enc = got.ids, got.encodings
         d = np.linalg.norm(enc - enc.mean(axis=0), axis=1) if len(ids) else np.zeros(0)
         chosen = [int(ids[i]) for i in np.lexsort((ids, d))[:k]]
         _CHOSEN[key] = chosen

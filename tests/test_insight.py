@@ -175,8 +175,9 @@ def test_scan_with_another_algorithm_then_back_to_dbscan(dev_library, tmp_path):
     settings = load_config(None, {"paths.watch": str(dev_library.watch), "paths.output": str(out), "paths.db": str(db)})
     d = settings.detection
     with Store.open_readonly(db) as store:
-        ids, shas, enc = store.usable_encodings(d.min_face_size, d.min_sharpness)[:3]
-        label_of = dict(zip(ids.tolist(), cluster_labels("hdbscan", enc, settings.clustering).tolist()))
+        usable = store.usable_encodings(d.min_face_size, d.min_sharpness)
+        labels = cluster_labels("hdbscan", usable.encodings, settings.clustering)
+        label_of = dict(zip(usable.ids.tolist(), labels.tolist()))
         faces = store.faces()
     for f in faces:
         if f.cluster_id is not None and not f.doubtful:
@@ -324,7 +325,8 @@ def test_every_folder_has_a_montage_of_its_most_central_faces(dev_library):
             members = sorted(f.id for f in faces.values() if f.cluster_id == cid and not f.doubtful)
             assert len(cells) == min(25, len(members))
             # most central first: by distance to the mean of the person's faces
-            ids, _, enc = store.faces_by_id(members)[:3]
+            got = store.faces_by_id(members)
+            ids, enc = got.ids, got.encodings
             d = np.linalg.norm(enc - enc.mean(axis=0), axis=1)
             assert [c[0] for c in cells] == [int(ids[i]) for i in np.lexsort((ids, d))[:25]]
             linked = {(st.st_dev, st.st_ino) for p in (dev_library.output / folder).iterdir()
