@@ -110,7 +110,7 @@ def kdistance_plot(enc: np.ndarray, k: int, eps: float, rng) -> Plot:
 
     q = _sample(len(enc), KDIST_SAMPLE, rng)
     k = min(k, len(enc) - 1)
-    nn = NearestNeighbors(n_neighbors=k + 1).fit(enc)
+    nn = NearestNeighbors(n_neighbors=k + 1, algorithm="brute").fit(enc)  # trees are slow in 128-d
     dist = np.sort(nn.kneighbors(enc[q])[0][:, k])[::-1]  # column 0 is the face itself
     note = _sampled_note(len(q), len(enc))
     fig, ax = _figure()
