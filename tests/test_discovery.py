@@ -8,6 +8,7 @@ from pathlib import Path
 
 from organizer.evaluate import photo_key, tree_assignment
 from organizer.ingest import discover, is_candidate, load_for_detection
+from organizer.layout import Layout
 
 from .conftest import DEV, run_organizer, tree_hashes
 
@@ -26,7 +27,7 @@ def test_discover_skips_hidden_dirs_and_excluded(tmp_path):
     for p in ["a/1.jpg", "a/b/2.PNG", ".trash/3.jpg", "out/4.jpg", "a/.5.jpg", "a/6.txt"]:
         (tmp_path / p).write_bytes(b"x")
     os.symlink(tmp_path / "a", tmp_path / "a" / "b" / "loop")  # directory symlink loop: not followed
-    found = [p.relative_to(tmp_path).as_posix() for p in discover(tmp_path, [tmp_path / "out"])]
+    found = [p.relative_to(tmp_path).as_posix() for p in discover(tmp_path, Layout(tmp_path, tmp_path / "out", tmp_path / "out" / ".organizer" / "o.db"))]
     assert found == ["a/1.jpg", "a/b/2.PNG"]
 
 
