@@ -54,6 +54,9 @@ class ScanReport:
     failed: int = 0
     removed: int = 0
     unsettled: list[Path] = field(default_factory=list)
+    # (path, size, mtime as read) of recent files that read as incomplete: a copy that paused
+    # longer than the settle time; the service holds them until they change (or age)
+    incomplete: list[tuple[Path, int, float]] = field(default_factory=list)
     # photos a scan would have forgotten but did not: more than service.max_forget_share of the
     # library at once (see Organizer.scan), or the watched folder was not available
     kept: int = 0
@@ -287,15 +290,21 @@ class Organizer:
               settle_seconds: float = 0.0) -> None:
         try:
             st = os.lstat(path)
-            size, mtime = (size, mtime) if size else (st.st_size, st.st_mtime)
+            if not size:
+                size, mtime = st.st_size, st.st_mtime
             changed = (st.st_size, st.st_mtime) != (size, mtime)
             recent = time.time() - st.st_mtime < growing_grace(settle_seconds)
         except OSError:
             changed = recent = False
-        if settle_seconds and (changed or (recent and reason.startswith(MAYBE_INCOMPLETE))):
-            # still being written (a slow copy that paused): not a failure, it is tried again
-            log.debug("%s looks incomplete (%s); still being written? trying again later", path, reason)
+        if settle_seconds and changed:
+            # written to while it was read: still being copied. Not a failure: it settles again
+            log.debug("%s changed while it was read; trying again once it settles", path)
             report.unsettled.append(path)
+            return
+        if settle_seconds and recent and reason.startswith(MAYBE_INCOMPLETE):
+            # a copy that paused for longer than the settle time looks like this too
+            log.debug("%s looks incomplete (%s); trying again when it changes", path, reason)
+            report.incomplete.append((path, size, mtime))
             return
         log.warning("cannot use %s: %s", path, reason)
         self.store.record_batch([], [], [(str(path), size, mtime, reason)])

@@ -126,8 +126,7 @@ class Service:
                         files.append(Path(p))
                 if files and not self.stop_requested:
                     report = org.process(files, stop=self._stopping, settle_seconds=s.service.settle_seconds)
-                    for p in report.unsettled:  # still being written: wait for it to change or age
-                        settler.add(str(p), wait=growing_grace(s.service.settle_seconds))
+                    self._hand_back(report, settler)
                     self._status(org, settler)
                 interval = s.service.rescan_interval
                 due = interval and time.monotonic() - last_rescan >= interval
@@ -219,12 +218,19 @@ class Service:
         if report.unavailable is not None:
             self._watch_available(org)
             return
-        for p in report.unsettled:
-            settler.add(str(p))
+        self._hand_back(report, settler)
         log.info("rescan: %d photos, %d new, %d encoded, %d failed, %d removed%s",
                  report.seen, report.new, report.encoded, report.failed, report.removed,
                  f", {report.kept} kept (see above)" if report.kept else "")
         self._status(org, settler)
+
+    def _hand_back(self, report, settler: Settler) -> None:
+        """Files still being written go back to the settler; one that read as incomplete waits
+        until it changes, or is recorded as broken once unchanged for the grace time."""
+        for p in report.unsettled:
+            settler.add(str(p))
+        for p, size, mtime in report.incomplete:
+            settler.add(str(p), wait=growing_grace(self.settings.service.settle_seconds), seen=(size, mtime))
 
     def _status(self, org: Organizer, settler: Settler) -> None:
         st = org.store.status(0)

@@ -114,15 +114,19 @@ class Settler:
         self.seconds = seconds
         self.pending: dict[str, _Pending] = {}
 
-    def add(self, path: str, now: float | None = None, wait: float | None = None) -> None:
-        """Track ``path``; ``wait``: a file that read as incomplete (a copy that paused) is held
-        until it changes (then the settle time applies again) or stays unchanged this long."""
+    def add(self, path: str, now: float | None = None, wait: float | None = None,
+            seen: tuple[int, float] | None = None) -> None:
+        """Track ``path``. ``wait`` with ``seen`` (its size and mtime when it was read): a file that
+        read as incomplete (a copy that paused) is held until it changes -- then the settle time
+        applies again -- or stays unchanged for ``wait`` seconds."""
         now = time.monotonic() if now is None else now
         try:
             st = os.stat(path)
             sig = (st.st_size, st.st_mtime)
         except OSError:
             sig = (-1, -1.0)
+        if wait is not None and seen is not None and seen != sig:
+            wait = None  # it changed since it was read: the copy went on
         p = self.pending.get(path)
         if p is None or (p.size, p.mtime) != sig or wait is not None:
             self.pending[path] = _Pending(sig[0], sig[1], now, wait)
