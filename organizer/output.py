@@ -20,7 +20,7 @@ import logging
 import os
 import re
 import shutil
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -379,3 +379,48 @@ def reconcile(store: Store, output: Path, link_mode: str = "hardlink", max_pixel
         except OSError:
             pass
     return report
+
+
+class FolderEvents:
+    """Logs at INFO when a person folder is created, renamed, merged into another, split off
+    another or removed, so the journal tells why the tree changed. Face assignments are read only
+    when the set of people or their names changed (not on every batch)."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._folders: dict[int, str] | None = None
+        self._assign: dict[int, int | None] = {}
+
+    def _now(self) -> dict[int, str]:
+        names = {c["id"]: c["name"] for c in self.store.clusters()}
+        return {p["id"]: folder_name(p["id"], names.get(p["id"])) for p in self.store.people_summary()}
+
+    def update(self) -> None:
+        folders = self._now()
+        if self._folders is None:  # start-up: what is there now is the baseline
+            self._folders, self._assign = folders, self.store.cluster_assignments()
+            return
+        if folders == self._folders:
+            return
+        before, old = self._folders, self._assign
+        assign = self.store.cluster_assignments()
+        faces_of: dict[int, list[int]] = defaultdict(list)
+        for f, c in old.items():
+            if c is not None:
+                faces_of[c].append(f)
+        for cid in sorted(set(folders) & set(before)):
+            if folders[cid] != before[cid]:
+                log.info("person folder renamed: %s -> %s", before[cid], folders[cid])
+        for cid in sorted(set(before) - set(folders)):
+            went = Counter(assign.get(f) for f in faces_of.get(cid, ()) if assign.get(f) in folders)
+            if went:
+                log.info("person folder %s merged into %s", before[cid], folders[went.most_common(1)[0][0]])
+            else:
+                log.info("person folder removed: %s (its photos are gone or doubtful)", before[cid])
+        for cid in sorted(set(folders) - set(before)):
+            came = Counter(old.get(f) for f, c in assign.items() if c == cid and old.get(f) in before)
+            if came:
+                log.info("person folder %s split off %s", folders[cid], before[came.most_common(1)[0][0]])
+            else:
+                log.info("person folder created: %s", folders[cid])
+        self._folders, self._assign = folders, assign

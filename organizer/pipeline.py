@@ -23,7 +23,7 @@ from .config import Settings
 from .encode import EncoderPool, encoder_id
 from .ingest import IngestError, check_readable, discover, sha256_file
 from .layout import Layout, WatchState
-from .output import reconcile
+from .output import FolderEvents, reconcile
 from .store import ENCODER, REENCODING, Store
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,9 @@ class Organizer:
         self.layout = Layout(self.watch, self.output, Path(os.path.abspath(store.path)))
         self.last_tree = None  # the last ReconcileReport
         self._tree_logged: set[str] = set()  # output errors already logged in this update
+        self._witnessed: set[str] = set()  # paths the watcher saw go while the folder was unavailable
+        self._folder_events = FolderEvents(store)
+        self._folder_events.update()  # the baseline: what the tree holds at the start
 
     def close(self) -> None:
         self.save_engine()
@@ -148,6 +151,16 @@ class Organizer:
         # photos in a folder that could not be listed are out of reach, not gone
         hidden = tuple(str(u).rstrip(os.sep) + os.sep for u in unreadable)
         vanished = [p for p in known if p not in seen and not p.startswith(hidden)]
+        # seen going by the watcher (a sign of deletion): forgotten whatever their number
+        went = tuple(w.rstrip(os.sep) + os.sep for w in self._witnessed)
+        witnessed = [p for p in vanished if p in self._witnessed or p.startswith(went)]
+        self._witnessed.clear()
+        if witnessed:
+            self.store.remove_photos(witnessed)
+            report.removed = len(witnessed)
+            log.info("removed %d photos deleted from the watched folder", len(witnessed))
+            gone = set(witnessed)
+            vanished = [p for p in vanished if p not in gone]
         share = self.settings.service.max_forget_share
         if vanished and len(vanished) > share * len(known) and not forget_anyway:
             log.error("%d of the %d photos the store knows are no longer found in %s: more than %d%% at once looks "
@@ -158,7 +171,7 @@ class Organizer:
             report.kept = len(vanished)
         elif vanished:
             self.store.remove_photos(vanished)
-            report.removed = len(vanished)
+            report.removed += len(vanished)
             log.info("removed %d photos that are no longer in the watched folder", len(vanished))
         self.process(found, progress=progress, stop=stop, report=report, settle_seconds=settle_seconds)
         self._retry_failed = False
@@ -312,11 +325,15 @@ class Organizer:
 
     def forget(self, paths: Iterable[Path]) -> int:
         """Drop photos whose originals were deleted or moved away (the watcher saw them go), then
-        update the tree. Only photos whose file is really gone from an available watched folder."""
+        update the tree. Only photos whose file is really gone from an available watched folder;
+        while it is unavailable they are remembered for the next scan."""
         known = self.store.photo_states()
-        if self.layout.watch_state(bool(known)) is not WatchState.AVAILABLE:
-            return 0
         paths = list(paths)
+        if self.layout.watch_state(bool(known)) is not WatchState.AVAILABLE:
+            # not now (the whole folder may be a disk being remounted); the rescan once it is back
+            # forgets those of them still gone, however many (a deletion was seen)
+            self._witnessed.update(str(p) for p in paths if Path(p) != self.watch)
+            return 0
         gone = [str(p) for p in paths if str(p) in known and not os.path.lexists(p)]
         # a deleted folder: forget everything under it
         for p in paths:
@@ -568,4 +585,5 @@ class Organizer:
         s = self.settings
         self.last_tree = reconcile(self.store, self.output, s.service.link_mode, s.detection.max_pixels, verify,
                                    logged=self._tree_logged)
+        self._folder_events.update()
         return self.last_tree

@@ -113,9 +113,10 @@ class Service:
                     for path in watcher.drain():
                         self._enqueue(path, org, settler)
                 settled, gone = settler.ready()
-                if gone and self._watch_available(org):
+                if gone:
                     # (not while the whole folder is gone, e.g. moved away or unmounted: the rescan
                     # once it is back forgets what is really gone)
+                    self._watch_available(org)
                     org.forget([Path(p) for p in gone])
                 files = []
                 for p in settled:
