@@ -95,7 +95,7 @@ def test_service_waits_for_a_missing_watched_folder_of_a_known_store(tmp_path):
     finally:
         code = svc.stop()
     assert code == 0 and "Traceback" not in svc.text(), svc.text()[-3000:]
-    assert "no longer in the watched folder" not in svc.text() and "forgot" not in svc.text()
+    assert "no longer in the watched folder" not in svc.text() and "forgot " not in svc.text()
 
 
 def test_watcher_on_a_folder_that_vanished(tmp_path):
@@ -200,7 +200,9 @@ def test_read_only_output_tree_is_not_success(tmp_path):
     m = re.search(r"output tree incomplete: (\d+) of (\d+) entries could not be written \((\d+) Permission denied\)",
                   proc.stdout)
     assert m, proc.stdout
-    assert int(m[1]) == int(m[2]) == int(m[3]) == len(errors) >= 10  # 8 links + 2 representatives (+ doubtful)
+    # 8 links + 2 representatives (+ doubtful ones); entries wanted only on the way (a photo doubtful
+    # until its person had 3) failed too, each logged once as well
+    assert int(m[1]) == int(m[2]) == int(m[3]) >= 10 and len(errors) >= int(m[1])
     assert not list(output.iterdir())
 
 
