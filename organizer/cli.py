@@ -14,6 +14,8 @@ import click
 from . import __version__
 from .config import ConfigError, Settings, load_config
 from .logs import printable, setup_logging
+from .methods import ALGORITHMS
+from .perturb import KINDS as PERTURB_KINDS
 from .store import Store, StoreError
 from .storefile import unusable_message
 
@@ -104,7 +106,10 @@ def run(settings: Settings, polling):
 @common_options
 @click.option("--forget-anyway", is_flag=True,
               help="Forget photos no longer found even when they are more than service.max_forget_share of all.")
-def scan(settings: Settings, forget_anyway: bool):
+@click.option("--algorithm", type=click.Choice(ALGORITHMS), default="dbscan", show_default=True,
+              help="Batch clustering method for this scan's people (for comparison; the service always "
+                   "uses dbscan and goes back to it at its next start).")
+def scan(settings: Settings, forget_anyway: bool, algorithm: str):
     """Process every photo in the watched folder once, then exit.
 
     Exit codes: 0 done; 1 error (nothing more was done); 3 the output tree could not be fully
@@ -127,6 +132,9 @@ def scan(settings: Settings, forget_anyway: bool):
         try:
             with progress_reporter("Scanning") as progress:
                 report = org.scan(progress=progress, forget_anyway=forget_anyway)
+            if algorithm != "dbscan":
+                org.recluster(algorithm)
+                org.reconcile()
         finally:
             org.close()
         st = store.status()
@@ -263,6 +271,41 @@ def name(settings: Settings, cluster_id: int, name: str | None, clear: bool):
     finally:
         store.close()
     click.echo(f"cluster {cluster_id} is now {value or f'cluster_{cluster_id}'}")
+
+
+@cli.command()
+@click.option("--labels", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Labelled photos: one folder per person (DIR/<person>/<photo>).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="TOML config file (its detection and clustering settings; its folders are not used).")
+@click.option("--algorithm", "algorithms", multiple=True, type=click.Choice(ALGORITHMS),
+              help="Clustering method to score (repeat to compare; default dbscan, the service's).")
+@click.option("--sweep", "sweeps", multiple=True, metavar="NAME=START:STOP:STEP",
+              help="Score a range of a clustering setting (eps, min_samples, doubt_margin, linkage_threshold); "
+                   "repeat for a grid.")
+@click.option("--perturb", "perturbs", multiple=True, type=click.Choice(PERTURB_KINDS),
+              help="Also run on degraded copies (repeatable): how faces found and F1 fall.")
+@click.option("--keep", type=click.Path(file_okay=False, path_type=Path),
+              help="Keep the store and output tree here (a new or empty folder) instead of a temporary one.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def evaluate(labels, config_path, algorithms, sweeps, perturbs, keep, as_json):
+    """Score the sorting against labelled photos: pairwise and BCubed precision/recall/F1."""
+    from .insight import run_evaluate
+
+    run_evaluate(labels, config_path, algorithms, sweeps, perturbs, keep, as_json)
+
+
+@cli.command()
+@common_options
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="HTML file to write.")
+def report(settings: Settings, out: Path):
+    """Write a self-contained HTML report on the clustering (plots, scores, the eps curve)."""
+    from .report import write_report
+
+    _require(settings, "output")
+    with Store.open_readonly(settings.db_path) as store:
+        data = write_report(store, settings, out)
+    click.echo(f"{out}: {data.people} people, {data.faces} faces ({data.doubtful} doubtful), {len(data.plots)} plots")
 
 
 @cli.group()

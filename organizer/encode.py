@@ -357,3 +357,14 @@ class EncoderPool:
 def check_models() -> None:
     """Raise EncoderUnavailable unless the models load (used by `organizer run` at start-up)."""
     _face_recognition()
+
+
+def chinese_whispers(enc: np.ndarray, threshold: float) -> np.ndarray:
+    """dlib's chinese whispers graph clustering (faces closer than ``threshold`` are linked):
+    one label per encoding. Here because this is the only module that imports dlib."""
+    import dlib  # noqa: PLC0415
+
+    if len(enc) == 0:
+        return np.zeros(0, dtype=int)
+    labels = dlib.chinese_whispers_clustering([dlib.vector(row.tolist()) for row in enc], float(threshold))
+    return np.asarray(labels, dtype=int)

@@ -341,10 +341,11 @@ class Organizer:
         False if ``stop()`` interrupted it."""
         return self.encodings.run(stop)
 
-    def recluster(self) -> None:
-        """Batch DBSCAN over every usable face, people derived from scratch (ids stay stable)."""
+    def recluster(self, algorithm: str = "dbscan") -> None:
+        """Batch DBSCAN over every usable face, people derived from scratch (ids stay stable);
+        ``algorithm``: another batch method, for comparison (see :meth:`Clustering.recluster`)."""
         self.upgrade_encodings()
-        self.clustering.recluster()
+        self.clustering.recluster(algorithm)
 
     def refresh(self, verify: bool = True) -> None:
         """Update clusters (incrementally) and reconcile the output tree with the store
