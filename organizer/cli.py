@@ -58,11 +58,28 @@ def common_options(fn):
     return wrapper
 
 
+# `organizer scan` exit codes (README, "Exit codes"); 2 is click's usage error.
+EXIT_ERROR = 1  # nothing or not everything was done: bad configuration or layout, store problems
+EXIT_TREE_INCOMPLETE = 3  # the photos were processed, but output entries could not be written
+EXIT_KEPT = 4  # photos not found were kept (watched folder unavailable, or too many at once)
+
+
 def _require(settings: Settings, *keys: str) -> None:
     missing = [k for k in keys if getattr(settings.paths, k) is None]
     if missing:
         flags = ", ".join(f"--{k} (paths.{k})" for k in missing)
         raise click.UsageError(f"missing {flags}")
+
+
+def _check_layout(settings: Settings) -> None:
+    """Refuse, before anything is written, a layout that cannot work (organizer.layout)."""
+    from .layout import Layout
+
+    problems = Layout.of(settings).problems()
+    if problems:
+        for p in problems:
+            click.echo(f"error: {p}", err=True)
+        sys.exit(EXIT_ERROR)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -79,6 +96,7 @@ def run(settings: Settings, polling):
     from .service import Service
 
     _require(settings, "watch", "output")
+    _check_layout(settings)
     if polling:
         settings.service.polling = True
     sys.exit(Service(settings).run())
@@ -86,22 +104,34 @@ def run(settings: Settings, polling):
 
 @cli.command()
 @common_options
+@click.option("--forget-anyway", is_flag=True,
+              help="Forget photos no longer found even when they are more than service.max_forget_share of all.")
 @click.option("--algorithm", type=click.Choice(ALGORITHMS), default="dbscan", show_default=True,
               help="Batch clustering method for this scan's people (for comparison; the service always "
                    "uses dbscan and goes back to it at its next start).")
-def scan(settings: Settings, algorithm: str):
-    """Process every photo in the watched folder once, then exit."""
+def scan(settings: Settings, forget_anyway: bool, algorithm: str):
+    """Process every photo in the watched folder once, then exit.
+
+    Exit codes: 0 done; 1 error (nothing more was done); 3 the output tree could not be fully
+    written; 4 photos not found were kept, not forgotten (see the log).
+    """
     from .encode import check_models
     from .pipeline import Organizer
     from .progress import progress_reporter
+    from .service import reasons_text
 
     _require(settings, "watch", "output")
+    _check_layout(settings)
+    watch = settings.paths.watch
+    if not watch.is_dir():  # refused before the store is created
+        raise FileNotFoundError(f"the watched folder {watch} does not exist: create it or check --watch "
+                                "(paths.watch); `organizer run` creates it on a first start")
     check_models()
     with Store.open(settings.db_path) as store:
         org = Organizer(settings, store)
         try:
             with progress_reporter("Scanning") as progress:
-                report = org.scan(progress=progress)
+                report = org.scan(progress=progress, forget_anyway=forget_anyway)
             if algorithm != "dbscan":
                 org.recluster(algorithm)
                 org.reconcile()
@@ -113,6 +143,16 @@ def scan(settings: Settings, algorithm: str):
         f"{report.failed} failed, {report.removed} removed; "
         f"{st['clusters']} people, {st['doubtful_faces']} doubtful faces"
     )
+    code = 0
+    if report.tree_failed:
+        wanted = getattr(org.last_tree, "wanted", 0)
+        click.echo(f"output tree incomplete: {report.tree_failed} of {wanted} entries could not be written "
+                   f"({reasons_text(report.tree_reasons)}); fix {settings.paths.output} and run scan again")
+        code = EXIT_TREE_INCOMPLETE
+    if report.kept:
+        click.echo(f"{report.kept} photos not found were kept, not forgotten (see the log above)")
+        code = EXIT_KEPT
+    sys.exit(code)
 
 
 @cli.command()
@@ -120,24 +160,35 @@ def scan(settings: Settings, algorithm: str):
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--errors", default=10, show_default=True, help="How many recent errors to list.")
 def status(settings: Settings, as_json: bool, errors: int):
-    """What the store knows: photos, faces, people, doubtful faces, failures."""
+    """What the store knows: photos, duplicates, people (id, folder, photos), doubtful faces, failures."""
+    from .output import folder_name
+
     with Store.open_readonly(settings.db_path) as store:
         st = store.status(errors)
         # a name that is not UTF-8 is shown with its odd bytes as \xNN (stdout must be text)
         st["last_errors"] = [{k: printable(v) for k, v in e.items()} for e in st["last_errors"]]
         st["output_errors"] = [printable(e) for e in st["output_errors"]]
+        st["duplicates"] = store.duplicate_count()
+        photos = {p["id"]: p["photos"] for p in store.people_summary()}
         st["people"] = [
-            {"id": c["id"], "name": c["name"], "faces": c["size"]} for c in store.clusters()
+            {"id": c["id"], "name": c["name"], "folder": folder_name(c["id"], c["name"]), "faces": c["size"],
+             "photos": photos[c["id"]]}
+            for c in store.clusters() if c["id"] in photos
         ]
     if as_json:
         click.echo(json.dumps(st, indent=2))
         return
     click.echo(f"store:             {settings.db_path}")
     click.echo(f"photos:            {st['photos']} ({st['photos_with_faces']} with faces, "
-               f"{st['photos_without_faces']} without)")
+               f"{st['photos_without_faces']} without; {st['duplicates']} duplicates of another photo)")
     click.echo(f"failed:            {st['failed']}")
     click.echo(f"faces:             {st['faces']} ({st['doubtful_faces']} doubtful)")
     click.echo(f"people (clusters): {st['clusters']} ({st['named_clusters']} named)")
+    if st["people"]:
+        width = max(len(p["folder"]) for p in st["people"])
+        click.echo(f"  {'id':>5}  {'folder':<{width}}  photos")
+        for p in st["people"]:
+            click.echo(f"  {p['id']:>5}  {p['folder']:<{width}}  {p['photos']}")
     if st["last_errors"]:
         click.echo("recent errors:")
         for e in st["last_errors"]:
@@ -146,6 +197,33 @@ def status(settings: Settings, as_json: bool, errors: int):
         click.echo("output tree errors (retried on the next update):")
         for e in st["output_errors"]:
             click.echo(f"  {e}")
+
+
+@cli.command()
+@common_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def doubtful(settings: Settings, as_json: bool):
+    """Photos with a face that was not placed (why, and the nearest person), and photos without faces."""
+    from .output import folder_name
+
+    with Store.open_readonly(settings.db_path) as store:
+        faces = store.doubtful_photos()
+        for f in faces:
+            f["path"] = printable(f["path"])
+            f["nearest_folder"] = (folder_name(f["nearest"], f["nearest_name"])
+                                   if f["nearest"] is not None else None)
+            del f["nearest_name"]
+        without = [printable(p) for p in store.photos_without_faces()]
+    if as_json:
+        click.echo(json.dumps({"doubtful": faces, "without_faces": without}, indent=2))
+        return
+    click.echo(f"doubtful faces: {len(faces)}")
+    for f in faces:
+        click.echo(f"  {f['path']}  face {f['face']}: {f['reason'] or 'doubtful'}; "
+                   f"nearest: {f['nearest_folder'] or 'nobody'}")
+    click.echo(f"photos without faces: {len(without)}")
+    for p in without:
+        click.echo(f"  {p}")
 
 
 @cli.command()
@@ -238,8 +316,29 @@ def config():
 @config.command("check")
 @common_options
 def config_check(settings: Settings):
-    """Validate the configuration and print the effective settings."""
+    """Validate the configuration, print the effective settings and check the paths.
+
+    Paths are shown resolved (``~``, ``$VAR`` and relative paths; README "Configuration").
+    """
+    from .layout import Layout
+
     click.echo(json.dumps(settings.model_dump(mode="json"), indent=2))
+    problems = []
+    if settings.paths.output is not None or settings.paths.db is not None:
+        if settings.paths.output is None:
+            settings.paths.output = settings.db_path.parent  # only to place the layout check
+        layout = Layout.of(settings)
+        for what, p in (("watch", layout.watch), ("output", layout.output), ("db", layout.db)):
+            if p is not None:
+                state = "exists" if p.exists() else "does not exist yet"
+                if what == "watch" and not p.exists():
+                    state += " (`organizer run` creates it on a first start; `scan` needs it)"
+                click.echo(f"{what + ':':<8} {p}  [{state}]", err=True)
+        problems = layout.problems()
+    for p in problems:
+        click.echo(f"error: {p}", err=True)
+    if problems:
+        sys.exit(EXIT_ERROR)
     click.echo("configuration OK", err=True)
 
 

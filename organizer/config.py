@@ -5,6 +5,8 @@ Every problem in a config file is reported at once, each with its key path (``cl
 
 from __future__ import annotations
 
+import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -64,6 +66,10 @@ class ServiceConfig(_Section):
     workers: int = Field(0, ge=0, description="encoder processes; 0 = one per CPU core")
     polling: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    max_forget_share: float = Field(
+        0.5, ge=0, le=1,
+        description="a scan that would forget more than this share of the known photos at once forgets none",
+    )
 
 
 class Settings(_Section):
@@ -119,8 +125,44 @@ def _validate(data: dict[str, Any], source: str | None) -> Settings:
         raise ConfigError([_format(e) for e in exc.errors()], source) from None
 
 
+_VAR = re.compile(r"\$(\w+|\{[^}]*\})")
+
+
+def resolve_path(value: str, base: Path, key: str) -> str:
+    """A path as the user wrote it -> an absolute one: ``~`` / ``~user`` and ``$VAR`` / ``${VAR}``
+    expanded (the shell does not do it in a config file, nor after ``--watch=``), then a relative
+    path taken from ``base`` (the config file's folder, or the current folder for flags). Symlinks
+    are kept as written. An unset variable or an unknown home is an error, not a literal folder."""
+    text = os.path.expanduser(os.path.expandvars(str(value)))
+    unset = _VAR.search(text)
+    if unset:
+        raise ValueError(f"{key}: the environment variable {unset.group(0)} in {value!r} is not set")
+    if text.startswith("~"):
+        raise ValueError(f"{key}: cannot expand {value!r} (no such user, or HOME is not set)")
+    return os.path.abspath(os.path.join(base, text))
+
+
+def _resolve_paths(data: dict[str, Any], base: Path, keys, source: str | None) -> None:
+    paths = data.get("paths")
+    if not isinstance(paths, dict):
+        return
+    errors = []
+    for key in keys:
+        value = paths.get(key)
+        if isinstance(value, str) and value:
+            try:
+                paths[key] = resolve_path(value, base, f"paths.{key}")
+            except ValueError as exc:
+                errors.append(str(exc))
+    if errors:
+        raise ConfigError(errors, source)
+
+
 def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
-    """Read ``path`` (TOML) if given, apply ``overrides`` ({"paths.watch": ...}), validate."""
+    """Read ``path`` (TOML) if given, apply ``overrides`` ({"paths.watch": ...}), validate.
+
+    Paths come out absolute (:func:`resolve_path`): relative ones in the file are taken from the
+    file's folder (a service's current folder is ``/``), relative flags from the current folder."""
     data: dict[str, Any] = {}
     source = str(path) if path else None
     if path is not None:
@@ -133,7 +175,9 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
             raise ConfigError([f"cannot read config file: {exc}"], source) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([f"not valid TOML: {exc}"], source) from None
-    for dotted, value in (overrides or {}).items():
+        _resolve_paths(data, Path(os.path.abspath(path)).parent, ("watch", "output", "db"), source)
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    for dotted, value in flags.items():
         if value is None:
             continue
         node = data
@@ -143,4 +187,5 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
             if not isinstance(node, dict):
                 raise ConfigError([f"{part}: expected a table"], source)
         node[leaf] = value
+    _resolve_paths(data, Path.cwd(), [k.split(".", 1)[1] for k in flags if k.startswith("paths.")], source)
     return _validate(data, source)

@@ -80,17 +80,21 @@ def _inside(path: Path, roots: Iterable[Path]) -> bool:
     return False
 
 
-def discover(watch: Path, exclude: Iterable[Path] = (), unreadable: list[Path] | None = None) -> Iterator[Path]:
-    """Yield every candidate photo under ``watch`` (recursively, sorted, absolute paths).
+def discover(root: Path, layout=None, unreadable: list[Path] | None = None) -> Iterator[Path]:
+    """Yield every photo under ``root`` (recursively, sorted, absolute paths) that is input by
+    ``layout``'s rule (:meth:`organizer.layout.Layout.is_input`; without one, every candidate
+    photo not in a hidden folder -- only for tools and tests).
 
-    Directory symlinks are not followed (no loops, no escaping the watched tree); hidden
-    directories and the ``exclude`` folders (the output tree, the db folder) are skipped.
-    File symlinks are yielded; :func:`check_readable` decides whether they may be read.
-    Folders that cannot be listed (permissions, I/O errors) are logged and appended to
-    ``unreadable``: their photos are not gone, only out of reach for now.
+    Directory symlinks are not followed (no loops, no escaping the watched tree); folders that
+    are not input are not entered. File symlinks are yielded; :func:`check_readable` decides
+    whether they may be read. Folders that cannot be listed (permissions, I/O errors) are logged
+    and appended to ``unreadable``: their photos are not gone, only out of reach for now.
     """
-    watch = Path(os.path.abspath(watch))
-    excluded = [Path(os.path.abspath(p)) for p in exclude]
+    root = Path(os.path.abspath(root))
+    if layout is None:
+        from .layout import Layout
+
+        layout = Layout(root, root / ".organizer", root / ".organizer" / "organizer.db")
 
     def report(exc: OSError) -> None:
         log.warning("cannot list folder %s: %s (its photos are skipped for now)",
@@ -98,14 +102,14 @@ def discover(watch: Path, exclude: Iterable[Path] = (), unreadable: list[Path] |
         if unreadable is not None and exc.filename:
             unreadable.append(Path(os.fsdecode(exc.filename)))
 
-    for dirpath, dirnames, filenames in os.walk(watch, followlinks=False, onerror=report):
+    if not layout.is_input(root, is_dir=True):
+        return
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=report):
         here = Path(dirpath)
-        dirnames[:] = sorted(
-            d for d in dirnames if not d.startswith(".") and not _inside(here / d, excluded)
-        )
+        dirnames[:] = sorted(d for d in dirnames if layout.is_input(here / d, is_dir=True))
         for name in sorted(filenames):
             path = here / name
-            if is_candidate(path) and not _inside(path, excluded):
+            if layout.is_input(path):
                 yield path
 
 

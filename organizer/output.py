@@ -21,7 +21,7 @@ import logging
 import os
 import re
 import shutil
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +44,12 @@ class ReconcileReport:
     created: int = 0
     removed: int = 0
     errors: list[str] = field(default_factory=list)
+    reasons: dict[str, int] = field(default_factory=dict)  # why an entry failed -> how many
+    wanted: int = 0  # entries the tree should hold
+
+    def failed(self, message: str, reason: str) -> None:
+        self.errors.append(message)
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
 
 
 def folder_name(cluster_id: int, name: str | None) -> str:
@@ -109,19 +115,24 @@ def desired_tree(store: Store, manifest: dict[str, tuple[str, str]]) -> dict[str
     folder = {cid: folder_name(cid, c["name"]) for cid, c in clusters.items()}
     faces = {f.id: f for f in store.faces()}
     wanted: dict[str, dict[str, None]] = defaultdict(dict)  # folder -> photo paths (ordered, unique)
-    doubtful_faces: list[tuple[str, int]] = []
+    doubtful_faces: dict[int, str] = {}  # face id -> its photo's first name
     path_of: dict[int, str] = {}  # face -> the first path of its photo (for montages)
-    for path, face_id, _sha in store.photos_of_faces():
+    # identical files (one content, several names) get one link per folder, under the first name
+    # in path order (the name the representative crop is made from too)
+    linked: set[tuple[str, str]] = set()  # (folder, sha256)
+    for path, face_id, sha in store.photos_of_faces():
         f = faces[face_id]
         path_of.setdefault(face_id, path)
         if f.cluster_id is not None and not f.doubtful and f.cluster_id in folder:
             target = folder[f.cluster_id]
         elif f.doubtful:
             target = DOUBTFUL
-            doubtful_faces.append((path, face_id))
+            doubtful_faces.setdefault(face_id, path)
         else:
             continue
-        wanted[target][path] = None
+        if (target, sha) not in linked or path in wanted[target]:
+            linked.add((target, sha))
+            wanted[target][path] = None
 
     tree: dict[str, tuple[str, str]] = {}
     # keep names the manifest already gave a source, so existing links never get renamed
@@ -156,7 +167,7 @@ def desired_tree(store: Store, manifest: dict[str, tuple[str, str]]) -> dict[str
 
     tree.update(montage.entries(store, faces, folder, path_of, {d for d, p in wanted.items() if p}, DOUBTFUL))
     crop_taken: set[str] = set()
-    for path, face_id in doubtful_faces:
+    for face_id, path in doubtful_faces.items():
         f = faces[face_id]
         near = f.nearest_cluster
         near_name = _fit(folder.get(near, "nobody") if near is not None else "nobody", limit=100)
@@ -285,7 +296,7 @@ def _remember_errors(store: Store, errors: list[str]) -> None:
 
 
 def reconcile(store: Store, output: Path, link_mode: str = "hardlink", max_pixels: int = 100_000_000,
-              verify: bool = True) -> ReconcileReport:
+              verify: bool = True, logged: set[str] | None = None) -> ReconcileReport:
     """Bring ``output`` in line with the store, touching only entries the organizer created.
 
     ``verify``: also check on disk that every entry made earlier is still there and still ours
@@ -293,11 +304,15 @@ def reconcile(store: Store, output: Path, link_mode: str = "hardlink", max_pixel
     service after each batch) an entry the manifest records as made, for the same source, is
     trusted: the cost is one pass over the store's rows plus what changed, not a stat of every
     entry of the tree (bench_output.py). Scans, the start and the periodic rescan verify.
+
+    ``logged``: errors already logged in this update (the caller's set, updated here): an entry
+    that fails again in the next batch is not logged again; one that fails anew is.
     """
     output = Path(output)
     report = ReconcileReport()
     manifest, idents = store.manifest()
     desired = desired_tree(store, manifest)
+    report.wanted = len(desired)
 
     # 1. forget and delete entries that are no longer wanted (or whose source changed)
     stale = [rp for rp, entry in manifest.items() if desired.get(rp) != entry]
@@ -313,7 +328,7 @@ def reconcile(store: Store, output: Path, link_mode: str = "hardlink", max_pixel
                 else:
                     log.warning("leaving %s alone: it was changed by someone else", dst)
         except OSError as exc:
-            report.errors.append(f"cannot remove {dst}: {exc.strerror}")
+            report.failed(f"cannot remove {dst}: {exc.strerror}", exc.strerror or str(exc))
             continue
         store.manifest_remove(relpath)
         manifest.pop(relpath)
@@ -353,12 +368,16 @@ def reconcile(store: Store, output: Path, link_mode: str = "hardlink", max_pixel
             report.created += 1
         except FileNotFoundError:
             # the original vanished since the last scan; the watcher will drop it from the store
-            report.errors.append(f"source of {relpath} is gone")
+            report.failed(f"source of {relpath} is gone", "the original is gone")
         except (OSError, IngestError) as exc:
             msg = getattr(exc, "strerror", None) or str(exc)
-            report.errors.append(f"cannot create {dst}: {msg}")
+            report.failed(f"cannot create {dst}: {msg}", msg)
     for err in report.errors:
-        log.error("output: %s", err)
+        if logged is None or err not in logged:
+            log.error("output: %s", err)
+    if logged is not None:
+        logged.clear()
+        logged.update(report.errors)
     _remember_errors(store, report.errors)
     log.debug("reconciled %s: %d created, %d removed, %d errors", output, report.created, report.removed,
               len(report.errors))
@@ -374,3 +393,48 @@ def reconcile(store: Store, output: Path, link_mode: str = "hardlink", max_pixel
         except OSError:
             pass
     return report
+
+
+class FolderEvents:
+    """Logs at INFO when a person folder is created, renamed, merged into another, split off
+    another or removed, so the journal tells why the tree changed. Face assignments are read only
+    when the set of people or their names changed (not on every batch)."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._folders: dict[int, str] | None = None
+        self._assign: dict[int, int | None] = {}
+
+    def _now(self) -> dict[int, str]:
+        names = {c["id"]: c["name"] for c in self.store.clusters()}
+        return {p["id"]: folder_name(p["id"], names.get(p["id"])) for p in self.store.people_summary()}
+
+    def update(self) -> None:
+        folders = self._now()
+        if self._folders is None:  # start-up: what is there now is the baseline
+            self._folders, self._assign = folders, self.store.cluster_assignments()
+            return
+        if folders == self._folders:
+            return
+        before, old = self._folders, self._assign
+        assign = self.store.cluster_assignments()
+        faces_of: dict[int, list[int]] = defaultdict(list)
+        for f, c in old.items():
+            if c is not None:
+                faces_of[c].append(f)
+        for cid in sorted(set(folders) & set(before)):
+            if folders[cid] != before[cid]:
+                log.info("person folder renamed: %s -> %s", before[cid], folders[cid])
+        for cid in sorted(set(before) - set(folders)):
+            went = Counter(assign.get(f) for f in faces_of.get(cid, ()) if assign.get(f) in folders)
+            if went:
+                log.info("person folder %s merged into %s", before[cid], folders[went.most_common(1)[0][0]])
+            else:
+                log.info("person folder removed: %s (its photos are gone or doubtful)", before[cid])
+        for cid in sorted(set(folders) - set(before)):
+            came = Counter(old.get(f) for f, c in assign.items() if c == cid and old.get(f) in before)
+            if came:
+                log.info("person folder %s split off %s", folders[cid], before[came.most_common(1)[0][0]])
+            else:
+                log.info("person folder created: %s", folders[cid])
+        self._folders, self._assign = folders, assign
