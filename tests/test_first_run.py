@@ -125,7 +125,7 @@ def test_identical_files_make_one_link_per_person_folder(tmp_path):
     assert proc.stdout.startswith("38 photos seen, 8 encoded, 30 duplicates"), proc.stdout
     (folder,) = folders_holding(output, photos[0])
     names = [e.name for e in (output / folder).iterdir()]
-    assert len(names) == 5 and photos[0].name in names, names  # 4 photos + representative
+    assert len(names) == 6 and photos[0].name in names, names  # 4 photos + representative + montage
     assert not any(n.startswith("copy_") for d in output.iterdir() if d.is_dir() for n in os.listdir(d))
     st = status_json(output)
     assert st["duplicates"] == 30 and st["photos"] == 38
@@ -137,7 +137,7 @@ def test_identical_files_make_one_link_per_person_folder(tmp_path):
     photos[0].unlink()
     run_organizer("scan", "--watch", str(watch), "--output", str(output))
     assert (output / folder / "copy_00.jpg").exists()
-    assert len(list((output / folder).iterdir())) == 5
+    assert len(list((output / folder).iterdir())) == 6
 
 
 # ---- slow copies ---------------------------------------------------------------------------------
