@@ -1,7 +1,8 @@
 """Encode: find every face in a photo and compute its 128-d dlib encoding.
 
-This is the only module that imports face_recognition / dlib. Work runs in a process pool so both
-cores are busy; results flow back to the parent, which is the only SQLite writer.
+This is the only module that imports face_recognition / dlib. Each photo is decoded, searched
+and encoded in one worker of a process pool (one per core), so the three overlap across photos
+and no photo is decoded twice; results flow back to the parent, which is the only SQLite writer.
 """
 
 from __future__ import annotations
@@ -58,6 +59,12 @@ class DetectionSettings:
     model: str = "hog"  # "hog" (CPU, fast) or "cnn" (more accurate, slow on CPU)
     upsample: int = 1
     max_side: int = 1600
+    # Coarse to fine (HOG only, see detect_faces): a photo whose detection frame is larger than
+    # coarse_side is first searched on a copy scaled to coarse_side at upsample 0; the full frame
+    # at ``upsample`` is searched only when that finds no face, or a face smaller than fine_below
+    # (detection-frame pixels). coarse_side 0 = always the full search.
+    coarse_side: int = 800
+    fine_below: int = 0
     max_pixels: int = 100_000_000
     num_jitters: int = 1
     landmarks: str = "large"  # "large" = 68-point alignment, "small" = 5-point
@@ -130,8 +137,8 @@ def _to_box(rect, shape) -> Box:
 def _cnn_confirms(fr, img: np.ndarray, rect) -> bool:
     """Does the CNN (mmod) detector find a face centred inside ``rect`` in a crop around it?
 
-    The crop is resized so the face is ~100 px: a check costs about the same (~0.5 s here) whatever
-    the photo's size, unlike running the CNN detector on the whole photo."""
+    The crop is resized so the face is ~100 px: a check costs about the same whatever the photo's
+    size, unlike running the CNN detector on the whole photo."""
     from PIL import Image  # noqa: PLC0415
 
     side = max(rect.right() - rect.left(), rect.bottom() - rect.top(), 1)
@@ -154,15 +161,15 @@ def _cnn_confirms(fr, img: np.ndarray, rect) -> bool:
     return False
 
 
-def detect_faces(img: np.ndarray, settings: DetectionSettings) -> list[Box]:
-    """Face boxes in ``img``: HOG (or CNN), plus the CNN-checked fallback on photos HOG finds empty.
+def _full_search(fr, img: np.ndarray, settings: DetectionSettings) -> list[Box]:
+    """HOG (or CNN) on the whole detection frame at ``settings.upsample``, plus the CNN-checked
+    fallback on photos HOG finds empty.
 
     HOG's usual operating point (score >= 0) misses turned or tilted faces; lowering its
     threshold finds them but also fires on coins and rocket parts. So only on a photo where HOG
     finds nothing, its best near-misses (down to -fallback_margin) are shown to the CNN
     detector, which has to agree: two independent detectors, at a fraction of the CNN's cost on
     the whole photo."""
-    fr = _face_recognition()
     if settings.model == "cnn" or settings.fallback_margin <= 0:
         return fr.face_locations(img, number_of_times_to_upsample=settings.upsample, model=settings.model)
     rects, scores, _ = fr.api.face_detector.run(img, settings.upsample, -settings.fallback_margin)
@@ -173,6 +180,49 @@ def detect_faces(img: np.ndarray, settings: DetectionSettings) -> list[Box]:
     return [_to_box(rects[i], img.shape) for _, i in near if _cnn_confirms(fr, img, rects[i])]
 
 
+def _coarse_search(fr, img: np.ndarray, side: int) -> list[Box]:
+    """HOG at upsample 0 on a copy of ``img`` scaled to ``side``; boxes in ``img``'s pixels."""
+    from PIL import Image  # noqa: PLC0415
+
+    h, w = img.shape[:2]
+    f = side / max(h, w)
+    small = Image.fromarray(img).resize((max(1, round(w * f)), max(1, round(h * f))), Image.Resampling.BILINEAR,
+                                        reducing_gap=2.0)
+    boxes = []
+    for t, r, b, l in fr.face_locations(np.asarray(small), number_of_times_to_upsample=0):
+        boxes.append((max(0, round(t / f)), min(w, round(r / f)), min(h, round(b / f)), max(0, round(l / f))))
+    return boxes
+
+
+def _overlaps(a: Box, b: Box) -> bool:
+    """Do two boxes cover the same face (intersection over the smaller box's area > 0.5)?"""
+    t, r, bo, l = max(a[0], b[0]), min(a[1], b[1]), min(a[2], b[2]), max(a[3], b[3])
+    inter = max(0, r - l) * max(0, bo - t)
+    smaller = min((a[1] - a[3]) * (a[2] - a[0]), (b[1] - b[3]) * (b[2] - b[0]))
+    return smaller > 0 and inter > 0.5 * smaller
+
+
+def detect_faces(img: np.ndarray, settings: DetectionSettings) -> list[Box]:
+    """Face boxes in ``img`` (the detection frame), coarse to fine.
+
+    The full search (``settings.upsample`` on the whole frame) is what finds faces of 40-80 px, and
+    its cost grows with the upsampled frame's area; a face HOG finds on a copy scaled to
+    ``coarse_side`` at upsample 0 (a small fraction of that cost) is at least ~80 px there. So a large frame is searched coarsely
+    first, and fully only when that found nothing, or found a face smaller than ``fine_below``
+    (a group or a distant shot, where faces too small for the coarse search are likely). A frame
+    no larger than ``coarse_side`` gets the full search alone: there it is cheap. The coarse
+    search's boxes are kept next to the full search's where the latter did not find that face.
+    """
+    fr = _face_recognition()
+    coarse: list[Box] = []
+    if settings.model == "hog" and 0 < settings.coarse_side < max(img.shape[:2]):
+        coarse = _coarse_search(fr, img, settings.coarse_side)
+        if coarse and min(min(b - t, r - l) for t, r, b, l in coarse) >= settings.fine_below:
+            return coarse
+    full = _full_search(fr, img, settings)
+    return full + [c for c in coarse if not any(_overlaps(c, f) for f in full)]
+
+
 def encode_faces(img: np.ndarray, boxes: list[Box], settings: DetectionSettings) -> list[np.ndarray]:
     """128-d encodings of the faces in ``boxes`` (float64, one per box).
 
@@ -181,13 +231,14 @@ def encode_faces(img: np.ndarray, boxes: list[Box], settings: DetectionSettings)
 
     * the chip and its mirror image are both encoded and averaged. A face's two halves differ in
       light and pose; the average is a steadier description of the person (cost: two network
-      passes per face instead of one, ~1.6x per one-face photo; dlib's ``num_jitters`` also
-      mirrors, but at random and with crops, at a pass per jitter);
-    * the encoding is scaled to unit length. dlib's encodings vary in length with image quality
-      (1.2 to 1.7 here); without it a blurred face is far from everyone by its length alone.
+      passes per face instead of one; dlib's ``num_jitters`` also mirrors, but at random and
+      with crops, at a pass per jitter);
+    * the encoding is scaled to unit length. dlib's encodings vary in length with image quality;
+      without it a blurred face is far from everyone by its length alone.
       Distances are then chord lengths on the unit sphere (0 to 2), hence ``eps`` 0.36.
 
-    Measured on the tune set (README, Accuracy): pairwise F1 0.963 -> 0.976 at equal precision.
+    The encoding depends only on the frame and the box: a box found by the coarse search is
+    encoded on the same detection frame as one found by the full search.
     """
     import dlib  # noqa: PLC0415 - this module is the only one that imports dlib
 
