@@ -34,11 +34,12 @@ class Source:
     box: tuple[int, int, int, int]  # top, right, bottom, left in the source photo's pixels
 
 
-def single_face_sources(root: Path) -> list[Source]:
-    """Photos of ``root/<person>/`` in which the default detector finds exactly one face >= 40 px."""
+def single_face_sources(root: Path, photos: list[Path] | None = None) -> list[Source]:
+    """Photos of ``root/<person>/`` (or just ``photos``, each in its person's folder) in which the
+    default detector finds exactly one face >= 40 px."""
     settings = DetectionSettings()
     out = []
-    for path in sorted(root.glob("*/*")):
+    for path in photos if photos is not None else sorted(root.glob("*/*")):
         prep = load_for_detection(path, settings.max_side, settings.max_pixels)
         boxes = detect_faces(prep.pixels, settings)
         if len(boxes) != 1:

@@ -66,6 +66,26 @@ def _require(settings: Settings, *keys: str) -> None:
         raise click.UsageError(f"missing {flags}")
 
 
+def executor_options(fn):
+    """--executor/--scheduler: where photos are encoded (service.executor / service.scheduler)."""
+
+    @click.option("--executor", type=click.Choice(["local", "dask"]), default=None,
+                  help="Encode photos in local processes (default) or on a dask cluster (needs `uv sync --extra dask`).")
+    @click.option("--scheduler", default=None, metavar="tcp://HOST:PORT",
+                  help="The dask scheduler; without it --executor dask starts a local cluster.")
+    @functools.wraps(fn)
+    def wrapper(settings: Settings, executor, scheduler, **kwargs):
+        if scheduler and (executor or settings.service.executor) != "dask":
+            raise click.UsageError("--scheduler needs --executor dask")
+        if executor:
+            settings.service.executor = executor
+        if scheduler:
+            settings.service.scheduler = scheduler
+        return fn(settings=settings, **kwargs)
+
+    return wrapper
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="organizer")
 def cli():
@@ -74,6 +94,7 @@ def cli():
 
 @cli.command()
 @common_options
+@executor_options
 @click.option("--polling", is_flag=True, default=None, help="Poll the folder instead of kernel events (network shares).")
 def run(settings: Settings, polling):
     """Run the service: watch the folder and keep the person folders up to date."""
@@ -87,6 +108,7 @@ def run(settings: Settings, polling):
 
 @cli.command()
 @common_options
+@executor_options
 def scan(settings: Settings):
     """Process every photo in the watched folder once, then exit."""
     from .encode import check_models

@@ -8,6 +8,7 @@ and no photo is decoded twice; results flow back to the parent, which is the onl
 from __future__ import annotations
 
 import concurrent.futures as cf
+import io
 import logging
 import multiprocessing
 import os
@@ -258,11 +259,13 @@ def encode_faces(img: np.ndarray, boxes: list[Box], settings: DetectionSettings)
     return out
 
 
-def reencode_photo(path: Path, boxes: list[Box], settings: DetectionSettings) -> tuple[list[np.ndarray] | None, str | None]:
+def reencode_photo(path: Path, boxes: list[Box], settings: DetectionSettings,
+                   data: bytes | None = None) -> tuple[list[np.ndarray] | None, str | None]:
     """Encodings for known faces (``boxes`` in full-size pixels), without detecting again:
-    (encodings, None), or (None, reason) when the photo cannot be read."""
+    (encodings, None), or (None, reason) when the photo cannot be read. ``data``: as in analyze_photo."""
     try:
-        prepared = load_for_detection(Path(path), settings.max_side, settings.max_pixels)
+        prepared = load_for_detection(io.BytesIO(data) if data is not None else Path(path), settings.max_side,
+                                      settings.max_pixels)
     except IngestError as exc:
         return None, str(exc)
     s, img = prepared.scale, prepared.pixels
@@ -272,11 +275,13 @@ def reencode_photo(path: Path, boxes: list[Box], settings: DetectionSettings) ->
     return encode_faces(img, local, settings), None
 
 
-def analyze_photo(path: Path, settings: DetectionSettings) -> PhotoResult:
-    """Decode ``path``, detect all faces and encode them. Never raises for bad input."""
+def analyze_photo(path: Path, settings: DetectionSettings, data: bytes | None = None) -> PhotoResult:
+    """Decode ``path`` (or ``data``, its bytes, when the photo was sent from another machine),
+    detect all faces and encode them. Never raises for bad input."""
     path = Path(path)
     try:
-        prepared = load_for_detection(path, settings.max_side, settings.max_pixels)
+        prepared = load_for_detection(io.BytesIO(data) if data is not None else path, settings.max_side,
+                                      settings.max_pixels)
     except IngestError as exc:
         return PhotoResult(path=path, error=str(exc))
     img = prepared.pixels
@@ -329,6 +334,14 @@ def _worker_init(parent: int) -> None:
     _face_recognition()
 
 
+def _signature(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
 class EncoderPool:
     """A process pool of encoders. ``workers=0`` encodes in the calling process."""
 
@@ -336,6 +349,47 @@ class EncoderPool:
         self.settings = settings
         self.workers = workers
         self._pool: cf.ProcessPoolExecutor | None = None
+        # photos submitted by prefetch() before map() asks for them: path -> (future, file signature, round)
+        self._ahead: dict[Path, tuple[cf.Future, tuple[int, int], int]] = {}
+        self._round = 0
+
+    def start(self) -> None:
+        """Start the workers and load their models now, so the first photo does not wait for it."""
+        if self.workers > 0:
+            pool = self._ensure_pool()
+            for fut in [pool.submit(_face_recognition) for _ in range(self.workers)]:
+                fut.add_done_callback(lambda f: f.exception())  # a failure shows with the first photo
+
+    def prefetch(self, paths: Iterable[Path]) -> None:
+        """Start encoding ``paths`` now, before map() asks for them: the workers keep busy while the
+        caller commits results and updates the tree. map() uses such a result only if the file's
+        size and mtime are unchanged since; one no later map() asked for (e.g. a duplicate) is
+        dropped after the next call to map()."""
+        if self.workers <= 0:
+            return
+        pool = self._ensure_pool()
+        self._round += 1
+        for path in paths:
+            path = Path(path)
+            sig = _signature(path)
+            if path not in self._ahead and sig is not None:
+                self._ahead[path] = (pool.submit(analyze_photo, path, self.settings), sig, self._round)
+
+    def _take_ahead(self, path: Path) -> cf.Future | None:
+        entry = self._ahead.pop(Path(path), None)
+        if entry is None:
+            return None
+        fut, sig, _ = entry
+        if sig != _signature(path):
+            fut.cancel()
+            return None
+        return fut
+
+    def _drop_stale_ahead(self) -> None:
+        for path, (fut, _, made) in list(self._ahead.items()):
+            if made < self._round:
+                fut.cancel()
+                del self._ahead[path]
 
     def _ensure_pool(self) -> cf.ProcessPoolExecutor:
         if self._pool is None:
@@ -349,25 +403,30 @@ class EncoderPool:
 
     def map(self, paths: Iterable[Path]) -> Iterator[PhotoResult]:
         """Encode ``paths``; yields one result per path, in completion order."""
-        for _, result in self._run(analyze_photo, [(p,) for p in paths],
-                                   lambda job, msg: PhotoResult(path=job[0], error=msg)):
-            yield result
+        try:
+            for _, result in self._run(analyze_photo, [(p,) for p in paths],
+                                       lambda job, msg: PhotoResult(path=job[0], error=msg), ahead=True):
+                yield result
+        finally:
+            self._drop_stale_ahead()
 
     def reencode(self, jobs: list[tuple[Path, list[Box]]]) -> Iterator[tuple[Path, list[np.ndarray] | None, str | None]]:
         """Re-encode known faces: yields (path, encodings or None, error) per job, in completion order."""
         for (path, _), (encodings, error) in self._run(reencode_photo, jobs, lambda job, msg: (None, msg)):
             yield path, encodings, error
 
-    def _run(self, task, jobs: list[tuple], failed) -> Iterator[tuple[tuple, object]]:
+    def _run(self, task, jobs: list[tuple], failed, ahead: bool = False) -> Iterator[tuple[tuple, object]]:
         """``task(*job, settings)`` for every job; yields (job, result) in completion order. A job
-        that raises, or whose worker dies, yields ``failed(job, message)`` instead."""
+        that raises, or whose worker dies, yields ``failed(job, message)`` instead. ``ahead``: use
+        the futures prefetch() started for these jobs."""
         if self.workers <= 0:
             _face_recognition()
             for job in jobs:
                 yield job, task(*job, self.settings)
             return
         pool = self._ensure_pool()
-        futures = {pool.submit(task, *job, self.settings): job for job in jobs}
+        futures = {(ahead and self._take_ahead(job[0])) or pool.submit(task, *job, self.settings): job
+                   for job in jobs}
         answered = set()
         try:
             for fut in cf.as_completed(futures):
@@ -395,11 +454,17 @@ class EncoderPool:
                 fut.cancel()
 
     def _discard_pool(self) -> None:
+        for fut, _, _ in self._ahead.values():
+            fut.cancel()
+        self._ahead.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
 
     def close(self) -> None:
+        for fut, _, _ in self._ahead.values():
+            fut.cancel()
+        self._ahead.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None

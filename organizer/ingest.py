@@ -13,6 +13,7 @@ import stat
 import struct
 import warnings
 from collections.abc import Iterable, Iterator
+from typing import BinaryIO
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,8 +167,8 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im
 
 
-def load_for_detection(path: Path, max_side: int, max_pixels: int) -> Prepared:
-    """Decode ``path`` to RGB with EXIF orientation applied, downscaled so its longer side <= max_side.
+def load_for_detection(path: Path | BinaryIO, max_side: int, max_pixels: int) -> Prepared:
+    """Decode ``path`` (a file name, or a binary file object holding the photo's bytes) to RGB with EXIF orientation applied, downscaled so its longer side <= max_side.
 
     Refuses images whose declared pixel count exceeds ``max_pixels`` before decoding them
     (decompression bombs), and truncated or unidentifiable files.

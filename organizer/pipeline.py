@@ -20,7 +20,8 @@ from .cluster import REASON_UNUSABLE, Neighbours, average_linkage_split, People,
 from .incremental_dbscan import IncrementalDBSCAN, load_arrays, load_state, save_arrays, save_state
 
 from .config import Settings
-from .encode import EncoderPool, encoder_id
+from .encode import encoder_id
+from .executors import make_encoder
 from .ingest import IngestError, check_readable, discover, is_candidate, sha256_file
 from .output import reconcile
 from .store import ENCODER, REENCODING, Store
@@ -67,7 +68,8 @@ class Organizer:
         self.watch = Path(os.path.abspath(settings.paths.watch)) if settings.paths.watch else None
         self.output = Path(os.path.abspath(settings.paths.output))
         n = settings.service.workers if workers is None else workers
-        self.encoder = EncoderPool(settings.detection_settings(), n or (os.cpu_count() or 1))
+        sv = settings.service
+        self.encoder = make_encoder(settings.detection_settings(), n or (os.cpu_count() or 1), sv.executor, sv.scheduler)
         self._retry_failed = True  # failed files are retried once per start-up
         self._engine: IncrementalDBSCAN | None = None  # built from the store on first use
         self._people: People | None = None
@@ -177,6 +179,8 @@ class Organizer:
                 log.info("stop requested: %d photos left for the next run", total - done)
                 break
             batch = todo[start : start + batch_size]
+            # the next batch too: the workers encode it while this one is committed and the tree updated
+            self.encoder.prefetch(todo[start : start + 2 * batch_size])
             self._process_batch(batch, report, lambda: progress and progress(done + 1, total))
             done += len(batch)
             if progress:

@@ -86,6 +86,7 @@ class Service:
             log.error("%s", exc)
             return 1
         org = Organizer(s, store)
+        org.encoder.start()  # workers ready before the first photo arrives (a drop is seen in seconds)
         watcher = Watcher(watch, polling=s.service.polling)
         settler = Settler(s.service.settle_seconds)
         self._paused = False
