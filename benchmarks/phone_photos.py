@@ -104,13 +104,15 @@ def _save(canvas: Image.Image, dst: Path, orientation: int) -> None:
     canvas.save(dst, "JPEG", quality=90, exif=exif.tobytes())
 
 
-def phone_set(sources: list[Source], textures: list[Path], dst: Path, count: int, seed: int = 17) -> list[Photo]:
-    """``count`` phone photos under ``dst/<person>/``, people taken in turn."""
+def phone_set(sources: list[Source], textures: list[Path], dst: Path, count: int, seed: int = 17,
+              per_person: int = 3) -> list[Photo]:
+    """``count`` phone photos under ``dst/<person>/``, people taken in turn; at most count // per_person
+    people, so that each has ``per_person`` photos or more (a person needs three to get a folder)."""
     rng = random.Random(seed)
     by_person: dict[str, list[Source]] = {}
     for s in sources:
         by_person.setdefault(s.person, []).append(s)
-    people = sorted(by_person)
+    people = sorted(by_person)[: max(1, count // per_person)]
     out = []
     for i in range(count):
         person = people[i % len(people)]

@@ -119,6 +119,7 @@ def scan(settings: Settings):
     check_models()
     with Store.open(settings.db_path) as store:
         org = Organizer(settings, store)
+        org.encoder.start()  # the workers load their models while the folder is listed and hashed
         try:
             with progress_reporter("Scanning") as progress:
                 report = org.scan(progress=progress)

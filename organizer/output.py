@@ -24,9 +24,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
 
-from .ingest import IngestError, open_upright
+from .ingest import IngestError, upright_crop
 from .store import OUTPUT_ERRORS, Store
 
 log = logging.getLogger(__name__)
@@ -198,11 +197,9 @@ def _write_crop(source: str, dst: Path, max_pixels: int) -> None:
     # "<face id>|<path>|<box>": the path itself may hold "|"
     path, box = source.split("|", 1)[1].rsplit("|", 1)
     top, right, bottom, left = (int(v) for v in box.split(","))
-    im = open_upright(Path(path), max_pixels)
     h, w = bottom - top, right - left
     m = int(max(h, w) * CROP_MARGIN)
-    crop = im.crop((max(0, left - m), max(0, top - m), min(im.width, right + m), min(im.height, bottom + m)))
-    crop.thumbnail((CROP_SIZE, CROP_SIZE), Image.Resampling.LANCZOS)
+    crop = upright_crop(Path(path), (left - m, top - m, right + m, bottom + m), CROP_SIZE, max_pixels)
     tmp = dst.with_name(f".{dst.name}.tmp")
     try:
         crop.save(tmp, "JPEG", quality=90)
