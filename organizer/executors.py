@@ -46,6 +46,14 @@ def _visible(path: str, size: int) -> bool:
         return False
 
 
+def _size_here(path: Path) -> int:
+    """The photo's size as the coordinator sees it (-1: unreadable here too; a worker then gives the reason)."""
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return -1
+
+
 def _remote_analyze(path: str, size: int, settings: DetectionSettings, data: bytes | None):
     """Worker side: the photo's PhotoResult, or _NOT_HERE when it is not readable here."""
     if data is None and not _visible(path, size):
@@ -85,7 +93,10 @@ class DaskEncoder:
             Client, LocalCluster = self._dask
             logging.getLogger("distributed").setLevel(logging.WARNING)
             if self.scheduler:
-                self._client = Client(self.scheduler, timeout="30s")
+                try:
+                    self._client = Client(self.scheduler, timeout="30s")
+                except OSError as exc:
+                    raise EncoderUnavailable(f"cannot reach the dask scheduler at {self.scheduler}: {exc}") from None
                 log.info("encoding on the dask cluster at %s", self.scheduler)
             else:
                 # one thread per worker process (see _dlib_lock); loopback only, no dashboard
@@ -119,10 +130,7 @@ class DaskEncoder:
         client = self._connect()
         size_of, args_of, futures = {}, {}, {}
         for path, args in jobs:
-            try:
-                size_of[path] = os.stat(path).st_size
-            except OSError:
-                size_of[path] = -1  # the worker reports the reason when it tries to read it
+            size_of[path] = _size_here(path)
             args_of[path] = args
         for path, args in jobs:
             futures[submit(path, args)] = path
