@@ -30,6 +30,11 @@ log = logging.getLogger(__name__)
 
 # Photos re-encoded per commit when a store is upgraded to another encoder (a crash loses at most these).
 REENCODE_CHUNK = 256
+# Inside a batch the folders are updated as photos finish, at most every this many seconds and
+# every PARTIAL_REFRESH_SHARE times the last update's cost: the writer spends at most ~1/5 of its
+# time on them, so it never holds the encoders back, however large the tree.
+PARTIAL_REFRESH_SECONDS = 1.0
+PARTIAL_REFRESH_SHARE = 4.0
 
 Progress = Callable[[int, int], None]  # (done, total)
 
@@ -74,6 +79,7 @@ class Organizer:
         self._engine: IncrementalDBSCAN | None = None  # built from the store on first use
         self._people: People | None = None
         self._meta: dict[int, tuple[str, float]] = {}  # usable face -> (photo sha256, quality)
+        self._refreshed_at, self._refresh_cost = time.monotonic(), 0.0  # see PARTIAL_REFRESH_SECONDS
 
     def close(self) -> None:
         self.save_engine()
@@ -218,6 +224,9 @@ class Organizer:
             self.store.record_batch([(str(result.path), sha, size, mtime, result)], [], [])
             report.encoded += 1
             log.info("encoded %s: %d face(s)", result.path, len(result.faces))
+            since = time.monotonic() - self._refreshed_at
+            if since >= max(PARTIAL_REFRESH_SECONDS, PARTIAL_REFRESH_SHARE * self._refresh_cost):
+                self.refresh(verify=False)  # folders update as photos finish, not only per batch
         for path in later:
             sha, size, mtime = to_encode[path]
             if self.store.known_sha(sha):
@@ -484,8 +493,11 @@ class Organizer:
     def refresh(self, verify: bool = True) -> None:
         """Update clusters (incrementally) and reconcile the output tree with the store
         (``verify``: check every entry on disk too, see :func:`organizer.output.reconcile`)."""
+        t0 = time.monotonic()
         self.update_clusters()
         self.reconcile(verify)
+        self._refreshed_at = time.monotonic()
+        self._refresh_cost = self._refreshed_at - t0
 
     def reconcile(self, verify: bool = True):
         s = self.settings
