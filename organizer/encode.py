@@ -287,11 +287,10 @@ def analyze_photo(path: Path, settings: DetectionSettings, data: bytes | None = 
     img = prepared.pixels
     boxes = detect_faces(img, settings)
     encodings = encode_faces(img, boxes, settings)
-    gray = img.mean(axis=2)
     faces = []
     s = prepared.scale
     for (top, right, bottom, left), enc in zip(boxes, encodings):
-        crop = gray[max(top, 0) : bottom, max(left, 0) : right]
+        crop = img[max(top, 0) : bottom, max(left, 0) : right].mean(axis=2)  # gray, the face only
         faces.append(
             FaceRecord(
                 top=max(0, round(top * s)),
