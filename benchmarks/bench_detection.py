@@ -35,7 +35,7 @@ from phone_photos import phone_set, single_face_sources, small_face_set, texture
 
 SHARED = Path(os.environ.get("ORGANIZER_SHARED", ROOT.parent / "shared")) / "faces"
 
-GRID = [(0, 0), (640, 0), (640, 240), (640, 320), (800, 0), (800, 240), (800, 320), (1000, 240), (1000, 320)]
+GRID = [(0, 0), (640, 0), (800, 0), (800, 240), (1000, 0)]
 
 
 def main() -> None:

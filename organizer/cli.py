@@ -111,15 +111,19 @@ def run(settings: Settings, polling):
 @executor_options
 def scan(settings: Settings):
     """Process every photo in the watched folder once, then exit."""
-    from .encode import check_models
+    from .encode import EncoderUnavailable
     from .pipeline import Organizer
     from .progress import progress_reporter
 
     _require(settings, "watch", "output")
-    check_models()
     with Store.open(settings.db_path) as store:
         org = Organizer(settings, store)
-        org.encoder.start()  # the workers load their models while the folder is listed and hashed
+        try:
+            org.encoder.start(wait=True)  # the models load in the workers only (or they say why they cannot)
+        except EncoderUnavailable as exc:
+            org.close()
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
         try:
             with progress_reporter("Scanning") as progress:
                 report = org.scan(progress=progress)

@@ -186,9 +186,13 @@ def _coarse_search(fr, img: np.ndarray, side: int) -> list[Box]:
     from PIL import Image  # noqa: PLC0415
 
     h, w = img.shape[:2]
+    small = Image.fromarray(img)
+    step = max(h, w) // side
+    if step >= 2:  # a box filter by a whole factor first: much cheaper than resampling the whole frame
+        small = small.reduce(step)
     f = side / max(h, w)
-    small = Image.fromarray(img).resize((max(1, round(w * f)), max(1, round(h * f))), Image.Resampling.BILINEAR,
-                                        reducing_gap=2.0)
+    if max(small.size) != side:
+        small = small.resize((max(1, round(w * f)), max(1, round(h * f))), Image.Resampling.BILINEAR)
     boxes = []
     for t, r, b, l in fr.face_locations(np.asarray(small), number_of_times_to_upsample=0):
         boxes.append((max(0, round(t / f)), min(w, round(r / f)), min(h, round(b / f)), max(0, round(l / f))))
@@ -206,13 +210,14 @@ def _overlaps(a: Box, b: Box) -> bool:
 def detect_faces(img: np.ndarray, settings: DetectionSettings) -> list[Box]:
     """Face boxes in ``img`` (the detection frame), coarse to fine.
 
-    The full search (``settings.upsample`` on the whole frame) is what finds faces of 40-80 px, and
-    its cost grows with the upsampled frame's area; a face HOG finds on a copy scaled to
-    ``coarse_side`` at upsample 0 (a small fraction of that cost) is at least ~80 px there. So a large frame is searched coarsely
-    first, and fully only when that found nothing, or found a face smaller than ``fine_below``
-    (a group or a distant shot, where faces too small for the coarse search are likely). A frame
-    no larger than ``coarse_side`` gets the full search alone: there it is cheap. The coarse
-    search's boxes are kept next to the full search's where the latter did not find that face.
+    The full search (``settings.upsample`` on the whole frame) is what finds faces of 40-80 px,
+    and its cost grows with the upsampled frame's area; a face HOG finds on a copy scaled to
+    ``coarse_side`` at upsample 0 (a small fraction of that cost) is at least ~80 px there. So a
+    large frame is searched coarsely first, and fully only when that found nothing, or found a
+    face smaller than ``fine_below`` (a group or a distant shot, where faces too small for the
+    coarse search are likely). A frame no larger than ``coarse_side`` gets the full search alone:
+    there it is cheap. The coarse search's boxes are kept next to the full search's where the
+    latter did not find that face.
     """
     fr = _face_recognition()
     coarse: list[Box] = []
@@ -330,7 +335,10 @@ def _worker_init(parent: int) -> None:
     # One BLAS/OpenMP thread per worker: the pool already uses every core.
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
-    _face_recognition()
+    try:
+        _face_recognition()
+    except EncoderUnavailable:
+        pass  # raised again by the first task, with its message (a failing initializer breaks the pool)
 
 
 def _signature(path: Path) -> tuple[int, int] | None:
@@ -352,11 +360,21 @@ class EncoderPool:
         self._ahead: dict[Path, tuple[cf.Future, tuple[int, int], int]] = {}
         self._round = 0
 
-    def start(self) -> None:
-        """Start the workers and load their models now, so the first photo does not wait for it."""
-        if self.workers > 0:
-            pool = self._ensure_pool()
-            for fut in [pool.submit(_face_recognition) for _ in range(self.workers)]:
+    def start(self, wait: bool = False) -> None:
+        """Start the workers and load their models now, so the first photo does not wait for it.
+        ``wait``: until they are loaded; raises EncoderUnavailable if they cannot be (this is the
+        check, so the calling process need not load the models itself)."""
+        if self.workers <= 0:
+            if wait:
+                _face_recognition()
+            return
+        pool = self._ensure_pool()
+        loading = [pool.submit(_face_recognition) for _ in range(self.workers)]
+        if wait:
+            for fut in loading:
+                fut.result()
+        else:
+            for fut in loading:
                 fut.add_done_callback(lambda f: f.exception())  # a failure shows with the first photo
 
     def prefetch(self, paths: Iterable[Path]) -> None:

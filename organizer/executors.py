@@ -84,9 +84,12 @@ class DaskEncoder:
         self._cluster = None
         self._client = None
 
-    def start(self) -> None:
-        """Connect to the scheduler (or start the local cluster) now rather than with the first photo."""
-        self._connect()
+    def start(self, wait: bool = False) -> None:
+        """Connect to the scheduler (or start the local cluster) now rather than with the first
+        photo (``wait``: and wait for the workers to be there)."""
+        client = self._connect()
+        if wait:
+            client.wait_for_workers(1, timeout=120)
 
     def _connect(self):
         if self._client is None:
