@@ -369,7 +369,7 @@ class EncoderPool:
                 _face_recognition()
             return
         pool = self._ensure_pool()
-        loading = [pool.submit(_face_recognition) for _ in range(self.workers)]
+        loading = [pool.submit(check_models) for _ in range(self.workers)]
         if wait:
             for fut in loading:
                 fut.result()
@@ -488,5 +488,5 @@ class EncoderPool:
 
 
 def check_models() -> None:
-    """Raise EncoderUnavailable unless the models load (used by `organizer run` at start-up)."""
+    """Raise EncoderUnavailable unless the models load (`organizer run` at start-up; in each worker at EncoderPool.start)."""
     _face_recognition()
