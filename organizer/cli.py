@@ -82,6 +82,26 @@ def _check_layout(settings: Settings) -> None:
         sys.exit(EXIT_ERROR)
 
 
+def executor_options(fn):
+    """--executor/--scheduler: where photos are encoded (service.executor / service.scheduler)."""
+
+    @click.option("--executor", type=click.Choice(["local", "dask"]), default=None,
+                  help="Encode photos in local processes (default) or on a dask cluster (needs `uv sync --extra dask`).")
+    @click.option("--scheduler", default=None, metavar="tcp://HOST:PORT",
+                  help="The dask scheduler; without it --executor dask starts a local cluster.")
+    @functools.wraps(fn)
+    def wrapper(settings: Settings, executor, scheduler, **kwargs):
+        if scheduler and (executor or settings.service.executor) != "dask":
+            raise click.UsageError("--scheduler needs --executor dask")
+        if executor:
+            settings.service.executor = executor
+        if scheduler:
+            settings.service.scheduler = scheduler
+        return fn(settings=settings, **kwargs)
+
+    return wrapper
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="organizer")
 def cli():
@@ -90,6 +110,7 @@ def cli():
 
 @cli.command()
 @common_options
+@executor_options
 @click.option("--polling", is_flag=True, default=None, help="Poll the folder instead of kernel events (network shares).")
 def run(settings: Settings, polling):
     """Run the service: watch the folder and keep the person folders up to date."""
@@ -104,6 +125,7 @@ def run(settings: Settings, polling):
 
 @cli.command()
 @common_options
+@executor_options
 @click.option("--forget-anyway", is_flag=True,
               help="Forget photos no longer found even when they are more than service.max_forget_share of all.")
 @click.option("--algorithm", type=click.Choice(ALGORITHMS), default="dbscan", show_default=True,
@@ -115,7 +137,7 @@ def scan(settings: Settings, forget_anyway: bool, algorithm: str):
     Exit codes: 0 done; 1 error (nothing more was done); 3 the output tree could not be fully
     written; 4 photos not found were kept, not forgotten (see the log).
     """
-    from .encode import check_models
+    from .encode import EncoderUnavailable
     from .pipeline import Organizer
     from .progress import progress_reporter
     from .service import reasons_text
@@ -126,9 +148,14 @@ def scan(settings: Settings, forget_anyway: bool, algorithm: str):
     if not watch.is_dir():  # refused before the store is created
         raise FileNotFoundError(f"the watched folder {watch} does not exist: create it or check --watch "
                                 "(paths.watch); `organizer run` creates it on a first start")
-    check_models()
     with Store.open(settings.db_path) as store:
         org = Organizer(settings, store)
+        try:
+            org.encoder.start(wait=True)  # the models load in the workers only (or they say why they cannot)
+        except EncoderUnavailable as exc:
+            org.close()
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_ERROR)
         try:
             with progress_reporter("Scanning") as progress:
                 report = org.scan(progress=progress, forget_anyway=forget_anyway)

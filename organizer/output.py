@@ -28,7 +28,7 @@ from pathlib import Path
 from PIL import Image
 
 from . import montage
-from .ingest import IngestError, open_upright
+from .ingest import IngestError, upright_crop
 from .store import OUTPUT_ERRORS, Store
 
 log = logging.getLogger(__name__)
@@ -211,14 +211,11 @@ def _is_ours(dst: Path, ident: str | None) -> bool:
 
 
 def face_crop(path: Path, box: tuple[int, int, int, int], max_pixels: int, size: int = CROP_SIZE) -> Image.Image:
-    """The face at ``box`` (top, right, bottom, left) with a margin, at most ``size`` pixels."""
+    """The face at ``box`` (top, right, bottom, left) with a margin, at most ``size`` pixels
+    (decoded only at the resolution it needs)."""
     top, right, bottom, left = box
-    im = open_upright(Path(path), max_pixels)
-    h, w = bottom - top, right - left
-    m = int(max(h, w) * CROP_MARGIN)
-    crop = im.crop((max(0, left - m), max(0, top - m), min(im.width, right + m), min(im.height, bottom + m)))
-    crop.thumbnail((size, size), Image.Resampling.LANCZOS)
-    return crop
+    m = int(max(bottom - top, right - left) * CROP_MARGIN)
+    return upright_crop(Path(path), (left - m, top - m, right + m, bottom + m), size, max_pixels)
 
 
 def _write_crop(source: str, dst: Path, max_pixels: int, kind: str = "crop") -> None:

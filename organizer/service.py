@@ -83,6 +83,7 @@ class Service:
         org = None
         try:
             org = Organizer(s, store)
+            org.encoder.start()  # workers ready before the first photo arrives (a drop is seen in seconds)
             watch = layout.watch
             if layout.watch_state(False) is WatchState.MISSING and not store.has_photos():
                 # a first start (README: `organizer run --watch ~/Pictures/inbox ...`): make the inbox
