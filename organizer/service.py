@@ -35,6 +35,8 @@ from .watch import Settler, Watcher
 log = logging.getLogger(__name__)
 
 TICK = 0.5  # seconds between checks of the event queue
+TREE_QUIET = 1.0  # seconds without changes in the person folders before they are read (a folder
+# deleted file by file, or many links moved, is read as one change, not as its first steps)
 
 
 class _Notifier:
@@ -80,6 +82,7 @@ class Service:
             log.error("%s", exc)
             return 1
         watcher = None
+        tree = None
         org = None
         try:
             org = Organizer(s, store)
@@ -96,6 +99,9 @@ class Service:
             settler = Settler(s.service.settle_seconds)
             self._paused = False
             watcher = self._start_watcher(org)
+            tree = self._start_tree_watcher(org)  # the user's corrections in the folders
+            tree_tops: set[str] = set()
+            tree_seen = 0.0
             log.info("watching %s (%s), output in %s, store %s", watch,
                      "polling" if s.service.polling else "events", org.output, s.db_path)
             self.notify("READY=1")
@@ -107,6 +113,13 @@ class Service:
                 if watcher is not None:
                     for path in watcher.drain():
                         self._enqueue(path, org, settler)
+                tops = self._tree_tops(org, tree.drain()) if tree is not None else set()
+                if tops:
+                    tree_tops |= tops
+                    tree_seen = time.monotonic()
+                elif tree_tops and time.monotonic() - tree_seen >= TREE_QUIET:
+                    org.reconcile(verify=False, tops=tree_tops)  # reads the user's changes first
+                    tree_tops = set()
                 settled, gone = settler.ready()
                 if gone:
                     # (not while the whole folder is gone, e.g. moved away or unmounted: the rescan
@@ -145,6 +158,7 @@ class Service:
                 dv = store.data_version()
                 if dv != data_version:  # another process changed the store (e.g. `organizer name`)
                     data_version = dv
+                    org.apply_corrections()  # e.g. `organizer assign`
                     org.reconcile(verify=False)
             self.notify("STOPPING=1")
             log.info("stopped cleanly")
@@ -156,9 +170,26 @@ class Service:
         finally:
             if watcher is not None:
                 watcher.stop()
+            if tree is not None:
+                tree.stop()
             if org is not None:
                 org.close()
             store.close()
+
+    def _start_tree_watcher(self, org: Organizer) -> Watcher | None:
+        """A started watcher on the output tree (the user's corrections), or None if the tree
+        cannot be made or watched now (its errors are reported by the tree updates; corrections
+        are then read at the next start or rescan)."""
+        tree = Watcher(org.output, polling=self.settings.service.polling)
+        try:
+            org.output.mkdir(parents=True, exist_ok=True)
+            tree.start()
+        except OSError as exc:
+            log.error("cannot watch the output folder %s: %s; changes you make there are read at the next "
+                      "rescan", org.output, exc.strerror or exc)
+            tree.stop()
+            return None
+        return tree
 
     def _start_watcher(self, org: Organizer) -> Watcher | None:
         """A started watcher on the watched folder, or None while it is not there (the folder can
@@ -181,6 +212,19 @@ class Service:
                 settler.add(path)
         elif org.layout.is_input(p, is_dir=os.path.isdir(p) and not os.path.islink(p)):
             settler.add(path)
+
+    @staticmethod
+    def _tree_tops(org: Organizer, paths: set[str]) -> set[str]:
+        """The top-level folders of the output tree that changed (the store's own folder aside)."""
+        tops = set()
+        for path in paths:
+            try:
+                rel = Path(path).relative_to(org.output)
+            except ValueError:
+                continue
+            if rel.parts and not rel.parts[0].startswith("."):
+                tops.add(rel.parts[0])
+        return tops
 
     def _watch_available(self, org: Organizer) -> bool:
         """Is the watched folder there (:meth:`Layout.watch_state`)? If not, rescans pause until it
