@@ -194,15 +194,22 @@ def _is_ours(dst: Path, ident: str | None) -> bool:
         return False
 
 
-def _write_crop(source: str, dst: Path, max_pixels: int) -> None:
-    # "<face id>|<path>|<box>": the path itself may hold "|"
-    path, box = source.split("|", 1)[1].rsplit("|", 1)
-    top, right, bottom, left = (int(v) for v in box.split(","))
+def face_crop(path: Path, box: tuple[int, int, int, int], max_pixels: int) -> Image.Image:
+    """The face at ``box`` (top, right, bottom, left) of the photo at ``path`` with a margin around
+    it, at most CROP_SIZE pixels a side: the tree's crops and the review page's are the same."""
+    top, right, bottom, left = box
     im = open_upright(Path(path), max_pixels)
     h, w = bottom - top, right - left
     m = int(max(h, w) * CROP_MARGIN)
     crop = im.crop((max(0, left - m), max(0, top - m), min(im.width, right + m), min(im.height, bottom + m)))
     crop.thumbnail((CROP_SIZE, CROP_SIZE), Image.Resampling.LANCZOS)
+    return crop
+
+
+def _write_crop(source: str, dst: Path, max_pixels: int) -> None:
+    # "<face id>|<path>|<box>": the path itself may hold "|"
+    path, box = source.split("|", 1)[1].rsplit("|", 1)
+    crop = face_crop(Path(path), tuple(int(v) for v in box.split(",")), max_pixels)
     tmp = dst.with_name(f".{dst.name}.tmp")
     try:
         crop.save(tmp, "JPEG", quality=90)

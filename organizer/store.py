@@ -702,3 +702,57 @@ class Store:
 
     def set_meta(self, key: str, value) -> None:
         self.db["meta"].upsert({"key": key, "value": json.dumps(value) if not isinstance(value, str) else value}, pk="key")
+
+    # ---- review page (read-only queries) -------------------------------------------------
+    # People are the clusters with at least one confident face (the ones with a folder).
+    _PEOPLE = ("select c.id, c.name, c.representative_face, count(distinct f.sha256) as photos,"
+               " count(*) as faces from clusters c join faces f on f.cluster_id = c.id and f.doubtful = 0"
+               " group by c.id")
+
+    def people(self, limit: int = -1, offset: int = 0) -> list[dict]:
+        """People with a folder, the most photos first: id, name, representative_face, photos
+        (distinct photos with a confident face of theirs), faces."""
+        return list(self.db.query(f"{self._PEOPLE} order by photos desc, c.id limit ? offset ?", [limit, offset]))
+
+    def person(self, cluster_id: int) -> dict | None:
+        """One cluster as :meth:`people` shows it (photos and faces 0 when it has no folder)."""
+        row = self.db.execute(
+            "select c.id, c.name, c.representative_face,"
+            " (select count(distinct sha256) from faces where cluster_id = c.id and doubtful = 0),"
+            " (select count(*) from faces where cluster_id = c.id and doubtful = 0)"
+            " from clusters c where c.id = ?", [cluster_id]).fetchone()
+        if row is None:
+            return None
+        return dict(zip(("id", "name", "representative_face", "photos", "faces"), row))
+
+    def person_names(self) -> list[tuple[int, str | None]]:
+        """(id, name) of every cluster, by id (names to complete in the page's forms)."""
+        return [(r[0], r[1]) for r in self.db.execute("select id, name from clusters order by id")]
+
+    def person_encodings(self, cluster_id: int):
+        """(face ids, encodings n x 128) of the person's confident faces, by id."""
+        rows = self.db.execute(
+            "select id, sha256, encoding, sharpness, size from faces where cluster_id = ? and doubtful = 0"
+            " order by id", [cluster_id]).fetchall()
+        ids, _shas, enc, _sharp, _size = _face_arrays(rows)
+        return ids, enc
+
+    def doubtful_count(self) -> int:
+        return self.db.execute("select count(*) from faces where doubtful = 1").fetchone()[0]
+
+    def doubtful_page(self, limit: int, offset: int = 0) -> list[Face]:
+        """Doubtful faces grouped by their nearest person (none last), by id within a group."""
+        return self.faces_where(
+            "doubtful = 1 order by nearest_cluster is null, nearest_cluster, id limit ? offset ?", [limit, offset])
+
+    def paths_for_shas(self, shas: Iterable[str]) -> dict[str, str]:
+        """sha256 -> the first path (in path order) of an ok photo with that content."""
+        out: dict[str, str] = {}
+        shas = list(dict.fromkeys(shas))
+        for start in range(0, len(shas), 500):
+            chunk = shas[start : start + 500]
+            rows = self.db.execute(
+                f"select sha256, min(path) from photos where sha256 in ({','.join('?' * len(chunk))})"
+                " and +status = 'ok' group by sha256", chunk)
+            out.update({sha: _py_text(path) for sha, path in rows})
+        return out

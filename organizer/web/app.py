@@ -1,0 +1,330 @@
+"""The review page's routes: People, a Person, Doubtful, and the face and photo images.
+
+Pages are rendered on the server (Jinja2); the browser needs no build step and runs a few lines
+of plain JavaScript (static/app.js) at most. Reads go through the store's public query methods on
+a read-only connection; every change goes through the same Python API as the CLI, in a short
+write of its own (see :meth:`Review.edit`), so the page and a running service share one store.
+
+Every value a request carries is parsed strictly: ids are integers looked up in the store
+(images are served by face id only, never by a path from the request), pages are positive
+integers, and anything else is a 400 or a 404 before the store is touched.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+
+from ..config import Settings
+from ..ingest import IngestError, open_upright
+from ..output import face_crop, folder_name, validate_person_name
+from ..store import Face, Store, StoreError
+from .security import LOGIN, Guard, Secrets, give_cookie, same
+
+log = logging.getLogger(__name__)
+
+HERE = Path(__file__).parent
+FACES_PER_PAGE = 60
+PEOPLE_PER_PAGE = 120
+DOUBTFUL_PER_PAGE = 90
+PHOTO_SIDE = 1600  # a whole photo is shown at most this many pixels a side
+IMAGE_CACHE = "private, max-age=3600"  # face ids are never reused: a face's crop never changes
+_BACK = re.compile(r"/[A-Za-z0-9_/?=&%-]*")  # where a form returns to: a path of this page
+
+
+class CropCache:
+    """JPEG bytes of the images served lately, at most ``limit`` bytes, least recently used out
+    first: paging back and forth does not decode the originals again."""
+
+    def __init__(self, limit: int = 64 << 20):
+        self.limit = limit
+        self._items: OrderedDict[tuple, bytes] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> bytes | None:
+        with self._lock:
+            data = self._items.get(key)
+            if data is not None:
+                self._items.move_to_end(key)
+            return data
+
+    def put(self, key: tuple, data: bytes) -> None:
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = data
+            self._size += len(data)
+            while self._size > self.limit and self._items:
+                _, old = self._items.popitem(last=False)
+                self._size -= len(old)
+
+
+def _jpeg(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=88)
+    return buf.getvalue()
+
+
+def _int(value: str | None, what: str, minimum: int = 1) -> int:
+    """A whole number from a request (ASCII digits only: no sign, no space, no path)."""
+    if value is None or not re.fullmatch(r"[0-9]{1,12}", value) or int(value) < minimum:
+        raise HTTPException(400, f"{what} must be a whole number")
+    return int(value)
+
+
+def _page(request: Request) -> int:
+    value = request.query_params.get("page")
+    return 1 if value is None else _int(value, "page")
+
+
+def by_distance(ids: np.ndarray, enc: np.ndarray) -> list[tuple[int, float]]:
+    """(face id, distance) of a person's faces, the farthest from the person first: the distance
+    is to the mean of their encodings, so the faces most likely to be someone else come first."""
+    if len(ids) == 0:
+        return []
+    dist = np.linalg.norm(enc - enc.mean(axis=0), axis=1)
+    order = np.lexsort((ids, -dist))
+    return [(int(ids[i]), float(dist[i])) for i in order]
+
+
+class Review:
+    """One review page over one store: reads, images, and edits through the store's API."""
+
+    def __init__(self, settings: Settings, keys: Secrets):
+        self.settings = settings
+        self.db_path = settings.db_path
+        self.keys = keys
+        self.images = CropCache()
+        self.flash: tuple[str, str] | None = None  # (kind, message) shown once on the next page
+        self._local = threading.local()
+        self._write_lock = threading.Lock()
+        self.templates = Jinja2Templates(directory=str(HERE / "templates"))
+
+    # ---- the store -----------------------------------------------------------------------
+    def store(self) -> Store:
+        """This thread's read-only handle (SQLite connections belong to one thread)."""
+        store = getattr(self._local, "store", None)
+        if store is None:
+            store = self._local.store = Store.open_readonly(self.db_path)
+        return store
+
+    def edit(self, change: Callable[[Store], str]) -> str:
+        """Run one change in a write of its own, as `organizer name` does: when no service holds
+        the store, this process takes the writer's lock and updates the folders itself; when one
+        does, SQLite's own locking serialises the write and the service, which watches the
+        store's data_version, updates the folders within a second."""
+        with self._write_lock:
+            store = Store.open_for_edit(self.db_path)
+            try:
+                message = change(store)
+                if store.locked:
+                    from ..pipeline import Organizer
+
+                    Organizer(self.settings, store, workers=1).reconcile()
+            finally:
+                store.close()
+        return message
+
+    # ---- rendering -----------------------------------------------------------------------
+    def render(self, request: Request, name: str, **context) -> Response:
+        flash, self.flash = self.flash, None
+        return self.templates.TemplateResponse(
+            request, name, {"csrf": self.keys.csrf, "flash": flash, "back": _here(request), **context})
+
+    def names(self, store: Store) -> dict[int, str]:
+        """Every cluster id -> what the page calls it (its name, or its folder's cluster_N)."""
+        return {cid: name or folder_name(cid, None) for cid, name in store.person_names()}
+
+    # ---- pages ---------------------------------------------------------------------------
+    async def people_page(self, request: Request) -> Response:
+        page = _page(request)
+        store = self.store()
+        people = store.people()
+        pages = max(1, -(-len(people) // PEOPLE_PER_PAGE))
+        if page > pages:
+            raise HTTPException(404, "no such page")
+        shown = people[(page - 1) * PEOPLE_PER_PAGE : page * PEOPLE_PER_PAGE]
+        return self.render(request, "people.html", people=shown, total=len(people), page=page, pages=pages,
+                           doubtful=store.doubtful_count())
+
+    async def person_page(self, request: Request) -> Response:
+        cid = request.path_params["cid"]
+        page = _page(request)
+        store = self.store()
+        person = store.person(cid)
+        if person is None:
+            raise HTTPException(404, "no such person")
+        ordered = by_distance(*store.person_encodings(cid))
+        pages = max(1, -(-len(ordered) // FACES_PER_PAGE))
+        if page > pages:
+            raise HTTPException(404, "no such page")
+        shown = ordered[(page - 1) * FACES_PER_PAGE : page * FACES_PER_PAGE]
+        faces = [(store.face(fid), dist) for fid, dist in shown]
+        paths = store.paths_for_shas(f.sha256 for f, _ in faces)
+        names = self.names(store)
+        return self.render(request, "person.html", person=person, title=names[cid], faces=faces,
+                           photo_names={f.id: Path(paths.get(f.sha256, "?")).name for f, _ in faces},
+                           names=names, page=page, pages=pages)
+
+    async def doubtful_page(self, request: Request) -> Response:
+        page = _page(request)
+        store = self.store()
+        total = store.doubtful_count()
+        pages = max(1, -(-total // DOUBTFUL_PER_PAGE))
+        if page > pages:
+            raise HTTPException(404, "no such page")
+        faces = store.doubtful_page(DOUBTFUL_PER_PAGE, (page - 1) * DOUBTFUL_PER_PAGE)
+        paths = store.paths_for_shas(f.sha256 for f in faces)
+        names = self.names(store)
+        groups: list[tuple[int | None, list[Face]]] = []
+        for f in faces:
+            near = f.nearest_cluster if f.nearest_cluster in names else None
+            if not groups or groups[-1][0] != near:
+                groups.append((near, []))
+            groups[-1][1].append(f)
+        return self.render(request, "doubtful.html", groups=groups, names=names, total=total, page=page,
+                           pages=pages, photo_names={f.id: Path(paths.get(f.sha256, "?")).name for f in faces})
+
+    async def login_page(self, request: Request) -> Response:
+        if self.keys.password is None:
+            return RedirectResponse("/", 303)
+        if request.method == "GET":
+            return self.render(request, "login.html")
+        form = await request.form()
+        if not same(form.get("csrf"), self.keys.csrf):
+            return PlainTextResponse("the form is out of date (missing or wrong CSRF token): reload the page", 403)
+        if not same(form.get("password"), self.keys.password):
+            self.flash = ("error", "wrong password")
+            return RedirectResponse(LOGIN, 303)
+        response = RedirectResponse("/", 303)
+        give_cookie(response, self.keys)
+        return response
+
+    # ---- images --------------------------------------------------------------------------
+    async def face_image(self, request: Request) -> Response:
+        return await self._image(request.path_params["fid"], whole=False)
+
+    async def photo_image(self, request: Request) -> Response:
+        return await self._image(request.path_params["fid"], whole=True)
+
+    async def _image(self, face_id: int, whole: bool) -> Response:
+        key = (face_id, whole)
+        data = self.images.get(key)
+        if data is None:
+            store = self.store()
+            face = store.face(face_id)
+            path = store.path_for_sha(face.sha256) if face is not None else None
+            if path is None:
+                raise HTTPException(404, "no such face")
+            try:
+                data = await run_in_threadpool(self._draw, Path(path), face, whole)
+            except (OSError, IngestError) as exc:
+                log.warning("review page: cannot read the photo of face %d: %s", face_id, exc)
+                raise HTTPException(404, "the photo of this face cannot be read") from None
+            self.images.put(key, data)
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": IMAGE_CACHE})
+
+    def _draw(self, path: Path, face: Face, whole: bool) -> bytes:
+        """The face's crop (as the tree's crops), or its whole photo scaled down. Pillow opens the
+        original read-only; nothing is ever written next to it."""
+        max_pixels = self.settings.detection.max_pixels
+        if not whole:
+            return _jpeg(face_crop(path, (face.top, face.right, face.bottom, face.left), max_pixels))
+        image = open_upright(path, max_pixels)
+        image.thumbnail((PHOTO_SIDE, PHOTO_SIDE))
+        return _jpeg(image)
+
+    # ---- actions -------------------------------------------------------------------------
+    async def rename(self, request: Request, form) -> str:
+        cid = request.path_params["cid"]
+        raw = (form.get("name") or "").strip()
+        try:
+            value = validate_person_name(raw) if raw else None
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        if self.store().person(cid) is None:
+            raise HTTPException(404, "no such person")
+
+        def change(store: Store) -> str:
+            store.set_cluster_name(cid, value)
+            return f"cluster_{cid} is now {value}" if value else f"cluster_{cid} has no name now"
+
+        return await run_in_threadpool(self.edit, change)
+
+
+class UserError(Exception):
+    """A change the page refuses with a message (a name already taken, a reserved name, ...)."""
+
+
+def _here(request: Request) -> str:
+    query = request.url.query
+    return request.url.path + (f"?{query}" if query else "")
+
+
+def _back(form) -> str:
+    back = form.get("back") or "/"
+    return back if _BACK.fullmatch(back) and not back.startswith("//") else "/"
+
+
+def action(review: Review, handler) -> Callable:
+    """A POST endpoint: checks the CSRF token, runs ``handler(request, form)``, shows its message
+    (or the refusal) on the page the form came from."""
+
+    async def endpoint(request: Request) -> Response:
+        form = await request.form()
+        if not same(form.get("csrf"), review.keys.csrf):
+            return PlainTextResponse("the form is out of date (missing or wrong CSRF token): reload the page", 403)
+        try:
+            review.flash = ("ok", await handler(request, form))
+        except (UserError, StoreError) as exc:
+            review.flash = ("error", str(exc))
+        return RedirectResponse(_back(form), 303)
+
+    return endpoint
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    return PlainTextResponse(exc.detail or "error", exc.status_code)
+
+
+async def _store_error(request: Request, exc: StoreError) -> Response:
+    return PlainTextResponse(f"the store cannot be read: {exc}", 503)
+
+
+def create_app(settings: Settings, keys: Secrets | None = None) -> Starlette:
+    """The review page over ``settings``' store, guarded by ``keys`` (new ones when not given)."""
+    if keys is None:
+        password = settings.web.password
+        keys = Secrets(password.get_secret_value() if password else None)
+    review = Review(settings, keys)
+    routes = [
+        Route("/", review.people_page),
+        Route("/person/{cid:int}", review.person_page),
+        Route("/doubtful", review.doubtful_page),
+        Route("/face/{fid:int}.jpg", review.face_image),
+        Route("/face/{fid:int}/photo.jpg", review.photo_image),
+        Route(LOGIN, review.login_page, methods=["GET", "POST"]),
+        Route("/person/{cid:int}/name", action(review, review.rename), methods=["POST"]),
+        Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
+    ]
+    app = Starlette(routes=routes, middleware=[Middleware(Guard, keys=keys)],
+                    exception_handlers={HTTPException: _http_error, StoreError: _store_error})
+    app.state.review = review
+    return app
