@@ -709,13 +709,13 @@ class Store:
                " count(*) as faces from clusters c join faces f on f.cluster_id = c.id and f.doubtful = 0"
                " group by c.id")
 
-    def people(self, limit: int = -1, offset: int = 0) -> list[dict]:
+    def page_people(self, limit: int = -1, offset: int = 0) -> list[dict]:
         """People with a folder, the most photos first: id, name, representative_face, photos
         (distinct photos with a confident face of theirs), faces."""
         return list(self.db.query(f"{self._PEOPLE} order by photos desc, c.id limit ? offset ?", [limit, offset]))
 
-    def person(self, cluster_id: int) -> dict | None:
-        """One cluster as :meth:`people` shows it (photos and faces 0 when it has no folder)."""
+    def page_person(self, cluster_id: int) -> dict | None:
+        """One cluster as :meth:`page_people` shows it (photos and faces 0 when it has no folder)."""
         row = self.db.execute(
             "select c.id, c.name, c.representative_face,"
             " (select count(distinct sha256) from faces where cluster_id = c.id and doubtful = 0),"

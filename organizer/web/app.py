@@ -156,7 +156,7 @@ class Review:
     async def people_page(self, request: Request) -> Response:
         page = _page(request)
         store = self.store()
-        people = store.people()
+        people = store.page_people()
         pages = max(1, -(-len(people) // PEOPLE_PER_PAGE))
         if page > pages:
             raise HTTPException(404, "no such page")
@@ -168,7 +168,7 @@ class Review:
         cid = request.path_params["cid"]
         page = _page(request)
         store = self.store()
-        person = store.person(cid)
+        person = store.page_person(cid)
         if person is None:
             raise HTTPException(404, "no such person")
         ordered = by_distance(*store.person_encodings(cid))
@@ -259,7 +259,7 @@ class Review:
             value = validate_person_name(raw) if raw else None
         except ValueError as exc:
             raise UserError(str(exc)) from None
-        if self.store().person(cid) is None:
+        if self.store().page_person(cid) is None:
             raise HTTPException(404, "no such person")
 
         def change(store: Store) -> str:
