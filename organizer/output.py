@@ -103,7 +103,8 @@ def desired_tree(store: Store, manifest: dict[str, tuple[str, str]]) -> dict[str
     kind "link": source is the original photo's path; kind "crop": source is
     "<face id>|<photo path>|<top>,<right>,<bottom>,<left>".
     """
-    clusters = {c["id"]: c for c in store.clusters()}
+    hidden = store.hidden_people()  # hidden by the user: no folder, their faces go nowhere
+    clusters = {c["id"]: c for c in store.clusters() if c["id"] not in hidden}
     folder = {cid: folder_name(cid, c["name"]) for cid, c in clusters.items()}
     faces = {f.id: f for f in store.faces()}
     wanted: dict[str, dict[str, None]] = defaultdict(dict)  # folder -> photo paths (ordered, unique)
@@ -112,7 +113,7 @@ def desired_tree(store: Store, manifest: dict[str, tuple[str, str]]) -> dict[str
         f = faces[face_id]
         if f.cluster_id is not None and not f.doubtful and f.cluster_id in folder:
             target = folder[f.cluster_id]
-        elif f.doubtful:
+        elif f.doubtful and f.cluster_id not in hidden:
             target = DOUBTFUL
             doubtful_faces.append((path, face_id))
         else:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .cluster import REASON_UNUSABLE, Neighbours, average_linkage_split, People, batch_labels
+from .cluster import REASON_UNUSABLE, ClusterResult, Neighbours, average_linkage_split, People, batch_labels
+from .constraints import Constraints
 from .incremental_dbscan import IncrementalDBSCAN, load_arrays, load_state, save_arrays, save_state
 
 from .config import Settings
@@ -72,6 +73,7 @@ class Organizer:
         self._engine: IncrementalDBSCAN | None = None  # built from the store on first use
         self._people: People | None = None
         self._meta: dict[int, tuple[str, float]] = {}  # usable face -> (photo sha256, quality)
+        self._constraints: Constraints | None = None  # the user's corrections (people layer, last step)
 
     def close(self) -> None:
         self.save_engine()
@@ -272,10 +274,13 @@ class Organizer:
             quality=lambda f: _quality(sharp[row[f]], size[row[f]]),
             within_many=index.within_many,
             all_faces=ids.tolist(),
-            previous=self.store.cluster_assignments(),
+            previous={f: a[0] for f, a in self.store.raw_assignments().items()},
             next_id=self.store.next_cluster_id(),
         )
-        self._save(result, full=True, unusable_hint=lambda v, r: index.within_many(v[None, :], r)[0], cid=people.cid)
+        self._constraints = Constraints(self.store)
+        self._save(result, full=True, unusable_hint=lambda v, r: index.within_many(v[None, :], r)[0], cid=people.cid,
+                   people=people, vecs=lambda keys: enc[[row[f] for f in keys]],
+                   quality=lambda f: _quality(sharp[row[f]], size[row[f]]))
         self._engine = None  # the incremental state is rebuilt from the store on next use
         self._people = None
 
@@ -323,7 +328,7 @@ class Organizer:
             touched_faces=touched_faces,
             removed_faces=deleted,
         )
-        self._save(result, full=False, unusable_hint=engine.within, cid=people.cid)
+        self._save(result, full=False, unusable_hint=engine.within, cid=people.cid, **self._people_args())
 
     def _fingerprint(self) -> str:
         """Settings that shape the clustering: a saved clustering made with others is redone."""
@@ -397,11 +402,15 @@ class Organizer:
         self._people = People(c, average_linkage_split if c.linkage_threshold > 0 else None)
         if self.store.clustering_clean(self._fingerprint()):
             t0 = time.monotonic()
-            reused = self._people.load(self.store.saved_assignments(), self._meta, self._engine.vector,
+            reused = self._people.load(self.store.raw_assignments(), self._meta, self._engine.vector,
                                        self._engine.within_many, vecs=self._engine.vectors,
                                        near=load_arrays(self.people_state_path))
             log.info("people loaded from the store in %.1f s (nearest faces %s)", time.monotonic() - t0,
                      "from the saved state" if reused else "recomputed")
+            self._constraints = Constraints(self.store)
+            self._constraints.load(self.store.cluster_assignments(), self.store.auto_assignments())
+            # corrections made while nothing held the engine (the CLI, the folders at start-up)
+            self._apply_groups(self._constraints.affected_groups(self._people.cid))
             return
         result = self._people.derive(
             self._engine.clusters(),
@@ -411,10 +420,11 @@ class Organizer:
             within_many=self._engine.within_many,
             vecs=self._engine.vectors,
             all_faces=ids.tolist(),
-            previous=self.store.cluster_assignments(),
+            previous={f: a[0] for f, a in self.store.raw_assignments().items()},
             next_id=self.store.next_cluster_id(),
         )
-        self._save(result, full=True, unusable_hint=self._engine.within, cid=self._people.cid)
+        self._constraints = Constraints(self.store)
+        self._save(result, full=True, unusable_hint=self._engine.within, cid=self._people.cid, **self._people_args())
 
     @property
     def engine_state_path(self) -> Path:
@@ -460,9 +470,35 @@ class Organizer:
             except OSError as exc:
                 log.warning("could not save the clustering state: %s", exc)
 
-    def _save(self, result, full: bool, unusable_hint, cid) -> None:
-        """Store a clustering result, plus doubt for faces too small or blurred to cluster."""
+    def _people_args(self) -> dict:
+        """What the corrections step needs of the incremental state (see :meth:`_save`)."""
+        return {"people": self._people, "vecs": self._engine.vectors, "quality": lambda f: self._meta[f][1]}
+
+    def apply_corrections(self) -> bool:
+        """Re-read the user's corrections and redo the people they touch (after one was recorded,
+        by this process or another). True if anything had to be redone."""
+        if self._engine is None:
+            self._start_engine()  # applies the corrections as they are now
+            return True
+        groups = self._constraints.reload_rules(self._people.cid)
+        if groups is None:
+            return False
+        self._apply_groups(groups)
+        return True
+
+    def _apply_groups(self, groups) -> None:
+        self._save(ClusterResult(next_id=self.store.next_cluster_id()), full=False, unusable_hint=self._engine.within,
+                   cid=self._people.cid, groups=groups, **self._people_args())
+
+    def _save(self, result, full: bool, unusable_hint, cid, people=None, vecs=None, quality=None, groups=()) -> None:
+        """Store a clustering result, plus doubt for faces too small or blurred to cluster.
+
+        With ``people`` (the people layer the result came from) the user's corrections are applied
+        to it first (:class:`organizer.constraints.Constraints`; ``groups``: raw groups to redo)."""
         d = self.settings.detection
+        auto: dict = {}
+        if people is not None:
+            result, auto = self._constraints.apply(result, people, vecs, quality, full, groups)
         assignments = {
             f: (a.cluster_id, a.doubtful, a.reason, a.nearest_cluster) for f, a in result.assignments.items()
         }
@@ -473,9 +509,16 @@ class Organizer:
             near, dist = unusable_hint(enc[i], self.settings.clustering.eps)
             best = sorted((dd, cid[g]) for g, dd in zip(near.tolist(), dist.tolist()) if cid.get(g) is not None)
             assignments[f] = (None, True, REASON_UNUSABLE, best[0][1] if best else None)
-        self.store.save_clustering(
-            assignments, result.clusters, result.removed, result.next_id, full=full, fingerprint=self._fingerprint()
-        )
+        if people is not None:  # a face too small to cluster that the user placed goes where told
+            rules = self._constraints.rules
+            for f in [f for f in rules.faces() if f not in people.cid]:
+                p = rules.resolve(rules.anchor.get(f))
+                assignments[f] = (p, False, None, p) if p is not None else (None, True, REASON_UNUSABLE, None)
+        with self.store.db.atomic():
+            self.store.save_clustering(
+                assignments, result.clusters, result.removed, result.next_id, full=full, fingerprint=self._fingerprint()
+            )
+            self.store.save_corrected(auto)
 
     def refresh(self, verify: bool = True) -> None:
         """Update clusters (incrementally) and reconcile the output tree with the store
