@@ -752,10 +752,13 @@ class Store:
         self.db["meta"].upsert({"key": key, "value": json.dumps(value) if not isinstance(value, str) else value}, pk="key")
 
     # ---- review page (read-only queries) -------------------------------------------------
-    # People are the clusters with at least one confident face (the ones with a folder).
+    # People are the clusters with at least one confident face and not hidden (the ones with a
+    # folder); doubtful faces of hidden people are in no folder either (output.desired_tree).
     _PEOPLE = ("select c.id, c.name, c.representative_face, count(distinct f.sha256) as photos,"
                " count(*) as faces from clusters c join faces f on f.cluster_id = c.id and f.doubtful = 0"
-               " group by c.id")
+               " where c.hidden = 0 group by c.id")
+    _DOUBTFUL = ("doubtful = 1 and (cluster_id is null or cluster_id not in"
+                 " (select id from clusters where hidden = 1))")
 
     def page_people(self, limit: int = -1, offset: int = 0) -> list[dict]:
         """People with a folder, the most photos first: id, name, representative_face, photos
@@ -767,11 +770,11 @@ class Store:
         row = self.db.execute(
             "select c.id, c.name, c.representative_face,"
             " (select count(distinct sha256) from faces where cluster_id = c.id and doubtful = 0),"
-            " (select count(*) from faces where cluster_id = c.id and doubtful = 0)"
+            " (select count(*) from faces where cluster_id = c.id and doubtful = 0), c.hidden"
             " from clusters c where c.id = ?", [cluster_id]).fetchone()
         if row is None:
             return None
-        return dict(zip(("id", "name", "representative_face", "photos", "faces"), row))
+        return dict(zip(("id", "name", "representative_face", "photos", "faces", "hidden"), row))
 
     def person_names(self) -> list[tuple[int, str | None]]:
         """(id, name) of every cluster, by id (names to complete in the page's forms)."""
@@ -786,12 +789,13 @@ class Store:
         return ids, enc
 
     def doubtful_count(self) -> int:
-        return self.db.execute("select count(*) from faces where doubtful = 1").fetchone()[0]
+        """Doubtful faces in the tree's doubtful/ (not those of hidden people)."""
+        return self.db.execute(f"select count(*) from faces where {self._DOUBTFUL}").fetchone()[0]
 
     def doubtful_page(self, limit: int, offset: int = 0) -> list[Face]:
-        """Doubtful faces grouped by their nearest person (none last), by id within a group."""
+        """Those doubtful faces grouped by their nearest person (none last), by id within a group."""
         return self.faces_where(
-            "doubtful = 1 order by nearest_cluster is null, nearest_cluster, id limit ? offset ?", [limit, offset])
+            f"{self._DOUBTFUL} order by nearest_cluster is null, nearest_cluster, id limit ? offset ?", [limit, offset])
 
     def paths_for_shas(self, shas: Iterable[str]) -> dict[str, str]:
         """sha256 -> the first path (in path order) of an ok photo with that content."""

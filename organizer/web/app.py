@@ -16,6 +16,7 @@ import io
 import logging
 import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +34,8 @@ from starlette.templating import Jinja2Templates
 
 from ..config import Settings
 from ..ingest import IngestError, open_upright
-from ..output import face_crop, folder_name, validate_person_name
+from ..corrections import CorrectionError, Corrections, describe
+from ..output import face_crop, folder_name
 from ..store import Face, Store, StoreError
 from .security import LOGIN, Guard, Secrets, give_cookie, same
 
@@ -125,19 +127,28 @@ class Review:
             store = self._local.store = Store.open_readonly(self.db_path)
         return store
 
-    def edit(self, change: Callable[[Store], str]) -> str:
-        """Run one change in a write of its own, as `organizer name` does: when no service holds
-        the store, this process takes the writer's lock and updates the folders itself; when one
-        does, SQLite's own locking serialises the write and the service, which watches the
-        store's data_version, updates the folders within a second."""
+    def edit(self, change: Callable[[Corrections], str]) -> str:
+        """Record one correction through :class:`organizer.corrections.Corrections` (source
+        "page"), in a write of its own, as the CLI's corrections do: when no service holds the
+        store, this process takes the writer's lock and applies it to the people and the folders
+        itself; when one does, SQLite's own locking serialises the write and the service, which
+        watches the store's data_version, applies it."""
         with self._write_lock:
             store = Store.open_for_edit(self.db_path)
             try:
-                message = change(store)
+                try:
+                    message = change(Corrections(store))
+                except CorrectionError as exc:
+                    raise UserError(str(exc)) from None
                 if store.locked:
                     from ..pipeline import Organizer
 
-                    Organizer(self.settings, store, workers=1).reconcile()
+                    org = Organizer(self.settings, store, workers=1)
+                    try:
+                        org.apply_corrections()
+                        org.reconcile()
+                    finally:
+                        org.close()
             finally:
                 store.close()
         return message
@@ -162,7 +173,7 @@ class Review:
             raise HTTPException(404, "no such page")
         shown = people[(page - 1) * PEOPLE_PER_PAGE : page * PEOPLE_PER_PAGE]
         return self.render(request, "people.html", people=shown, total=len(people), page=page, pages=pages,
-                           doubtful=store.doubtful_count())
+                           doubtful=store.doubtful_count(), hidden_people=Corrections(store).people(hidden=True))
 
     async def person_page(self, request: Request) -> Response:
         cid = request.path_params["cid"]
@@ -251,22 +262,154 @@ class Review:
         image.thumbnail((PHOTO_SIDE, PHOTO_SIDE))
         return _jpeg(image)
 
-    # ---- actions -------------------------------------------------------------------------
-    async def rename(self, request: Request, form) -> str:
-        cid = request.path_params["cid"]
-        raw = (form.get("name") or "").strip()
-        try:
-            value = validate_person_name(raw) if raw else None
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
-        if self.store().page_person(cid) is None:
+    # ---- actions (each one correction of organizer.corrections) --------------------------
+    def _person(self, request: Request) -> dict:
+        person = self.store().page_person(request.path_params["cid"])
+        if person is None:
             raise HTTPException(404, "no such person")
+        return person
 
-        def change(store: Store) -> str:
-            store.set_cluster_name(cid, value)
-            return f"cluster_{cid} is now {value}" if value else f"cluster_{cid} has no name now"
+    def _faces(self, form, where: Callable[[Face], bool]) -> list[int]:
+        """The faces a form is about (``only``: one face's own button; else the ticked ones); each
+        must exist and pass ``where`` (be on the page the form came from)."""
+        raw = [form["only"]] if form.get("only") else form.getlist("face")
+        if not raw:
+            raise UserError("select some faces first")
+        store, ids = self.store(), []
+        for value in raw:
+            face = store.face(_int(value, "a face id"))
+            if face is None:
+                raise HTTPException(404, "no such face")
+            if not where(face):
+                raise HTTPException(400, f"face {face.id} is not on this page any more: reload it")
+            ids.append(face.id)
+        return ids
+
+    def _target(self, c: Corrections, form) -> int:
+        text = (form.get("target") or "").strip()
+        if not text:
+            raise UserError("say who it is: type a name (or cluster_N)")
+        return c.person_id(text)
+
+    async def rename(self, request: Request, form) -> str:
+        cid = self._person(request)["id"]
+        name = (form.get("name") or "").strip() or None
+
+        def change(c: Corrections) -> str:
+            c.name(cid, name, source=SOURCE)
+            return f"cluster_{cid} is now {c.store.person(cid)['name']}" if name else f"cluster_{cid} has no name now"
 
         return await run_in_threadpool(self.edit, change)
+
+    def _in(self, cid: int) -> Callable[[Face], bool]:
+        return lambda f: f.cluster_id == cid and not f.doubtful
+
+    async def reject(self, request: Request, form) -> str:
+        cid = self._person(request)["id"]
+        faces = self._faces(form, self._in(cid))
+
+        def change(c: Corrections) -> str:
+            c.reject(faces, cid, source=SOURCE)
+            return f"{_n(faces)} no longer in {c._label(cid)} (see Doubtful)"
+
+        return await run_in_threadpool(self.edit, change)
+
+    async def assign(self, request: Request, form) -> str:
+        cid = self._person(request)["id"]
+        faces = self._faces(form, self._in(cid))
+
+        def change(c: Corrections) -> str:
+            target = self._target(c, form)
+            if target == cid:
+                raise UserError(f"those faces are in {c._label(cid)} already")
+            c.assign(faces, target, source=SOURCE, from_person=cid)
+            return f"{_n(faces)} moved to {c._label(target)}"
+
+        return await run_in_threadpool(self.edit, change)
+
+    async def split(self, request: Request, form) -> str:
+        cid = self._person(request)["id"]
+        faces = self._faces(form, self._in(cid))
+        name = (form.get("new_name") or "").strip()
+        if not name:
+            raise UserError("give the new person a name")
+
+        def change(c: Corrections) -> str:
+            pid = c.split(name, faces, source=SOURCE, from_person=cid)
+            return f"new person {c._label(pid)} with {_n(faces)} from {c._label(cid)}"
+
+        return await run_in_threadpool(self.edit, change)
+
+    async def merge(self, request: Request, form) -> str:
+        cid = self._person(request)["id"]
+
+        def change(c: Corrections) -> str:
+            target, before = self._target(c, form), c._label(cid)
+            c.merge(cid, target, source=SOURCE)
+            return f"{before} merged into {c._label(target)}"
+
+        return await run_in_threadpool(self.edit, change)
+
+    async def hide(self, request: Request, form) -> str:
+        cid = self._person(request)["id"]
+
+        def change(c: Corrections) -> str:
+            c.hide(cid, source=SOURCE)
+            return f"{c._label(cid)} is hidden: no folder, and their future faces go nowhere"
+
+        return await run_in_threadpool(self.edit, change)
+
+    async def unhide(self, request: Request, form) -> str:
+        cid = self._person(request)["id"]
+
+        def change(c: Corrections) -> str:
+            c.unhide(cid, source=SOURCE)
+            return f"{c._label(cid)} is shown again"
+
+        return await run_in_threadpool(self.edit, change)
+
+    async def assign_doubtful(self, request: Request, form) -> str:
+        faces = self._faces(form, lambda f: f.doubtful)
+
+        def change(c: Corrections) -> str:
+            target = self._target(c, form)
+            for fid in faces:
+                c.assign([fid], target, source=SOURCE, from_person=c.store.face(fid).cluster_id)
+            return f"{_n(faces)} now in {c._label(target)}"
+
+        return await run_in_threadpool(self.edit, change)
+
+    async def stranger(self, request: Request, form) -> str:
+        faces = self._faces(form, lambda f: f.doubtful)
+
+        def change(c: Corrections) -> str:
+            # a stranger is a hidden person of its own (as a folder deleted in the tree): in no
+            # folder, and faces like it later go nowhere either
+            for fid in faces:
+                c.hide(c.split(f"stranger_{fid}", [fid], source=SOURCE), source=SOURCE)
+            return f"{_n(faces)} hidden as stranger{'s' if len(faces) > 1 else ''}"
+
+        return await run_in_threadpool(self.edit, change)
+
+    async def undo(self, request: Request, form) -> str:
+        def change(c: Corrections) -> str:
+            done = c.undo()
+            return "nothing to undo" if done is None else f"undone: {describe(done, c._label)}"
+
+        return await run_in_threadpool(self.edit, change)
+
+    async def corrections_page(self, request: Request) -> Response:
+        c = Corrections(self.store())
+        rows = [(r, describe(r, c._label)) for r in reversed(c.history())]
+        return self.render(request, "corrections.html", rows=rows,
+                           when={r.id: time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created_at)) for r, _ in rows})
+
+
+SOURCE = "page"  # how the corrections made here are recorded
+
+
+def _n(faces: list[int]) -> str:
+    return "1 face" if len(faces) == 1 else f"{len(faces)} faces"
 
 
 class UserError(Exception):
@@ -321,7 +464,13 @@ def create_app(settings: Settings, keys: Secrets | None = None) -> Starlette:
         Route("/face/{fid:int}.jpg", review.face_image),
         Route("/face/{fid:int}/photo.jpg", review.photo_image),
         Route(LOGIN, review.login_page, methods=["GET", "POST"]),
-        Route("/person/{cid:int}/name", action(review, review.rename), methods=["POST"]),
+        Route("/corrections", review.corrections_page),
+        Route("/undo", action(review, review.undo), methods=["POST"]),
+        Route("/faces/assign", action(review, review.assign_doubtful), methods=["POST"]),
+        Route("/faces/stranger", action(review, review.stranger), methods=["POST"]),
+        *[Route(f"/person/{{cid:int}}/{verb}", action(review, handler), methods=["POST"]) for verb, handler in {
+            "name": review.rename, "reject": review.reject, "assign": review.assign, "split": review.split,
+            "merge": review.merge, "hide": review.hide, "unhide": review.unhide}.items()],
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
     ]
     app = Starlette(routes=routes, middleware=[Middleware(Guard, keys=keys)],
