@@ -200,6 +200,7 @@ def recluster(settings: Settings):
     with Store.open(settings.db_path, create=False) as store:  # a mistyped --output: no new store
         org = Organizer(settings, store, workers=1)
         try:
+            org.read_tree_edits(apply=False)  # the user's changes in the folders count
             org.recluster()
             org.reconcile()
         finally:

@@ -526,6 +526,21 @@ class Organizer:
         self.update_clusters()
         self.reconcile(verify)
 
-    def reconcile(self, verify: bool = True):
+    def read_tree_edits(self, tops=None, apply: bool = True) -> bool:
+        """Record what the user changed in the person folders (all of them, or the ``tops``
+        top-level folders) as corrections and apply them (unless not ``apply``: a recluster
+        follows); before any tree update, which would otherwise put moved links back. True if a
+        correction was made."""
+        from .tree_edits import TreeEdits
+
+        report = TreeEdits(self.store, self.output).interpret(tops)
+        if report.corrections and apply:
+            self.apply_corrections()
+        return bool(report.corrections)
+
+    def reconcile(self, verify: bool = True, tops=()):
+        """Update the tree; the user's changes in it are read first (``verify``: in every folder,
+        otherwise in the ``tops`` folders the service saw change)."""
+        self.read_tree_edits(None if verify else tops)
         s = self.settings
         return reconcile(self.store, self.output, s.service.link_mode, s.detection.max_pixels, verify)

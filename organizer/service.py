@@ -32,6 +32,8 @@ from .watch import Settler, Watcher
 log = logging.getLogger(__name__)
 
 TICK = 0.5  # seconds between checks of the event queue
+TREE_QUIET = 1.0  # seconds without changes in the person folders before they are read (a folder
+# deleted file by file, or many links moved, is read as one change, not as its first steps)
 
 
 def _store_problem(path: Path, exc: sqlite3.DatabaseError) -> str:
@@ -89,10 +91,15 @@ class Service:
             return 1
         org = Organizer(s, store)
         watcher = Watcher(watch, polling=s.service.polling)
+        org.output.mkdir(parents=True, exist_ok=True)
+        tree = Watcher(org.output, polling=s.service.polling)  # the user's corrections in the folders
+        tree_tops: set[str] = set()
+        tree_seen = 0.0
         settler = Settler(s.service.settle_seconds)
         self._paused = False
         try:
             watcher.start()
+            tree.start()
             log.info("watching %s (%s), output in %s, store %s", watch,
                      "polling" if s.service.polling else "events", org.output, s.db_path)
             self.notify("READY=1")
@@ -105,6 +112,13 @@ class Service:
                 time.sleep(TICK)
                 for path in watcher.drain():
                     self._enqueue(path, org, settler)
+                tops = self._tree_tops(org, tree.drain())
+                if tops:
+                    tree_tops |= tops
+                    tree_seen = time.monotonic()
+                elif tree_tops and time.monotonic() - tree_seen >= TREE_QUIET:
+                    org.reconcile(verify=False, tops=tree_tops)  # reads the user's changes first
+                    tree_tops = set()
                 settled, gone = settler.ready()
                 if gone and self._watch_available(org):
                     # (not while the whole folder is gone, e.g. moved away or unmounted: the rescan
@@ -143,6 +157,7 @@ class Service:
                 dv = store.data_version()
                 if dv != data_version:  # another process changed the store (e.g. `organizer name`)
                     data_version = dv
+                    org.apply_corrections()  # e.g. `organizer assign`
                     org.reconcile(verify=False)
             self.notify("STOPPING=1")
             log.info("stopped cleanly")
@@ -153,6 +168,7 @@ class Service:
             return 1
         finally:
             watcher.stop()
+            tree.stop()
             org.close()
             store.close()
 
@@ -168,6 +184,19 @@ class Service:
             return
         if os.path.isdir(p) or is_candidate(p) or not os.path.lexists(p):
             settler.add(path)
+
+    @staticmethod
+    def _tree_tops(org: Organizer, paths: set[str]) -> set[str]:
+        """The top-level folders of the output tree that changed (the store's own folder aside)."""
+        tops = set()
+        for path in paths:
+            try:
+                rel = Path(path).relative_to(org.output)
+            except ValueError:
+                continue
+            if rel.parts and not rel.parts[0].startswith("."):
+                tops.add(rel.parts[0])
+        return tops
 
     def _watch_available(self, org: Organizer) -> bool:
         """Is the watched folder there? Missing, unlistable, or empty while the store knows photos
