@@ -79,7 +79,7 @@ def web_options(fn):
                         "machine only; another one prints a warning).")(fn)
 
 
-def _web_server(settings: Settings, host: str | None, port: int | None):
+def _web_server(settings: Settings, host: str | None, port: int | None, foreground: bool = False):
     """The review page's server, bound; prints its address (with the token) as Jupyter does."""
     from .web.server import WebError, WebServer
 
@@ -87,6 +87,8 @@ def _web_server(settings: Settings, host: str | None, port: int | None):
         server = WebServer(settings, host, port)
     except WebError as exc:
         raise click.ClickException(str(exc)) from None
+    if foreground:
+        server.catch_signals()
     if server.warning:
         click.echo(server.warning, err=True)
     click.echo(f"review page: {server.url}")
@@ -124,7 +126,7 @@ def web(settings: Settings, host: str | None, port: int | None):
     """Serve the review page: people, their faces and the doubtful ones, in the browser."""
     _require(settings, "output")
     Store.open_for_edit(settings.db_path).close()  # there must be a store (upgraded when no service runs)
-    _web_server(settings, host, port).serve()
+    _web_server(settings, host, port, foreground=True).serve()
 
 
 @cli.command()

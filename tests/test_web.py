@@ -386,6 +386,7 @@ def test_run_web_serves_the_page_and_the_service_applies_its_changes(lib, tmp_pa
         opener.open(urllib.request.Request(svc.base + f"/person/{cid}/name", data=body.replace(b"Served+Name", b"")),
                     timeout=60)
         wait_for(lambda: lib.folders().get(f"cluster_{cid}") == photos, 30, "the name to be cleared")
+        wait_for(lambda: (lib.output / f"cluster_{cid}" / "representative.jpg").is_file(), 30, "its representative")
     finally:
         assert svc.stop() == 0, (tmp_path / "run.log").read_text()[-3000:]
 
@@ -395,3 +396,121 @@ def _try(opener, url):
         return opener.open(url, timeout=30).read().decode()
     except OSError:
         return None
+
+
+# ---- corrections from the page (organizer.corrections, source "page") ---------------------------
+def _post(client, url: str, **data):
+    response = client.post(url, data={"csrf": _form(client, "/"), "back": "/", **data})
+    assert response.status_code == 303, response.text
+    return client.get("/").text  # the page it returns to, with the message
+
+
+def _undo_all(lib, client, before):
+    """Undo the page's corrections: the folders are as they were."""
+    for _ in range(10):
+        if lib.folders() == before:
+            return
+        _post(client, "/undo")
+    assert lib.folders() == before
+
+
+def _biggest(lib) -> tuple[str, int]:
+    folder = max(lib.folders(), key=lambda f: (len(lib.folders()[f]), f))
+    return folder, _person_id(lib, folder)
+
+
+def _first_face(client, cid) -> tuple[int, str]:
+    page = client.get(f"/person/{cid}").text
+    fid = next(iter(_cards(page, "face")))
+    photo = html.unescape(re.search(rf'data-face="{fid}">.*?class="photo" title="([^"]+)"', page, re.S).group(1))
+    return fid, photo
+
+
+def test_not_this_person_moves_the_photo_to_doubtful_and_undo_puts_it_back(lib, user):
+    before = lib.folders()
+    folder, cid = _biggest(lib)
+    fid, photo = _first_face(user, cid)
+    page = _post(user, f"/person/{cid}/reject", only=str(fid))
+    assert "no longer in" in page
+    assert photo not in lib.folders()[folder] and (lib.output / "doubtful" / photo).exists()
+    doubtful = user.get("/doubtful").text
+    assert f'data-face="{fid}"' in doubtful and f"removed by you from {folder}" in doubtful
+    _undo_all(lib, user, before)
+
+
+def test_this_is_and_new_person_move_the_selected_photos(lib, user):
+    before = lib.folders()
+    folder, cid = _biggest(lib)
+    other = next(f for f in before if f != folder)
+    fid, photo = _first_face(user, cid)
+    _post(user, f"/person/{cid}/assign", face=str(fid), target=other)
+    assert photo in lib.folders()[other] and photo not in lib.folders()[folder]
+    _undo_all(lib, user, before)
+    page = user.get(f"/person/{cid}").text
+    faces = list(_cards(page, "face"))[:2]
+    photos = {html.unescape(re.search(rf'data-face="{f}">.*?class="photo" title="([^"]+)"', page, re.S).group(1))
+              for f in faces}
+    _post(user, f"/person/{cid}/split", face=faces, new_name="Someone Else")
+    # (the people layer may send a face nearer to them than to the rest along: constraints.py)
+    assert photos <= lib.folders()["Someone Else"] and not photos & lib.folders()[folder]
+    _undo_all(lib, user, before)
+
+
+def test_merge_makes_one_folder_and_hide_none(lib, user):
+    before = lib.folders()
+    a, b = sorted(before)[:2]
+    aid = _person_id(lib, a)
+    _post(user, f"/person/{aid}/merge", target=b)
+    assert lib.folders()[b] == before[a] | before[b] and a not in lib.folders()
+    _undo_all(lib, user, before)
+    page = _post(user, f"/person/{aid}/hide")
+    assert a not in lib.folders() and f'data-person="{aid}"' not in page and "Hidden people" in page
+    _post(user, f"/person/{aid}/unhide")
+    assert lib.folders() == before
+
+
+def test_a_doubtful_face_is_assigned_in_one_click_or_hidden_as_a_stranger(lib, user):
+    before = lib.folders()
+    crops = set((lib.output / "doubtful" / "faces").iterdir())
+    faces = _cards(user.get("/doubtful").text, "face")
+    fid = next(iter(faces))
+    _post(user, "/faces/stranger", only=str(fid))
+    assert f'data-face="{fid}"' not in user.get("/doubtful").text
+    assert len(set((lib.output / "doubtful" / "faces").iterdir())) == len(crops) - 1
+    assert lib.folders() == before  # a stranger gets no folder
+    _post(user, "/undo")  # the stranger was a new person, then hidden: two corrections
+    _post(user, "/undo")
+    assert f'data-face="{fid}"' in user.get("/doubtful").text
+    target = sorted(before)[0]
+    _post(user, "/faces/assign", only=str(fid), target=target)
+    assert len(lib.folders()[target]) == len(before[target]) + 1
+    history = user.get("/corrections").text
+    assert "face(s) assigned to" in history and "undone" in history and ">page<" in history
+    _post(user, "/undo")
+    assert lib.folders() == before
+
+
+def test_actions_refuse_faces_and_people_that_are_not_there(lib, user):
+    before = lib.folders()
+    folder, cid = _biggest(lib)
+    elsewhere = next(iter(_cards(user.get(f"/person/{_person_id(lib, next(f for f in before if f != folder))}").text,
+                                 "face")))
+    csrf = _form(user, "/")
+    for url, data, status in [
+        (f"/person/{cid}/reject", {"only": str(elsewhere)}, 400),  # not this person's face
+        (f"/person/{cid}/reject", {"face": "999999"}, 404),
+        (f"/person/{cid}/reject", {"face": "../../etc/passwd"}, 400),
+        (f"/person/{cid}/assign", {"face": "1/../2", "target": "x"}, 400),
+        ("/faces/stranger", {"only": str(elsewhere)}, 400),  # not a doubtful face
+        ("/person/999999/merge", {"target": folder}, 404),
+    ]:
+        assert user.post(url, data={"csrf": csrf, **data}).status_code == status, (url, data)
+    fid, _ = _first_face(user, cid)
+    for data, message in [({"face": str(fid), "target": "../../etc"}, "there is no person"),
+                          ({"face": str(fid), "target": ""}, "say who it is"),
+                          ({"target": folder}, "select some faces")]:
+        assert message in html.unescape(_post(user, f"/person/{cid}/assign", **data))
+    assert "give the new person a name" in _post(user, f"/person/{cid}/split", face=str(fid))
+    for url in ("/undo", "/faces/assign", "/faces/stranger", f"/person/{cid}/merge", f"/person/{cid}/hide"):
+        assert user.post(url, data={"target": folder, "only": str(fid)}).status_code == 403  # no CSRF token
+    assert lib.folders() == before

@@ -81,11 +81,18 @@ class WebServer:
                 "anyone who has its address (with the token) or the password sees and changes your people. "
                 "Leave out --host to keep it on this machine.")
 
-    def serve(self) -> None:
-        """Serve until SIGINT or SIGTERM, then return (exit status 0). uvicorn handles the signal
-        and sends it again to the handler it found: these, which only let it return."""
+    def catch_signals(self) -> None:
+        """From now on SIGINT and SIGTERM stop :meth:`serve`, which then returns (exit status 0).
+        uvicorn handles them itself while it runs, then sends the signal again to the handler it
+        found: this one (a no-op by then; before uvicorn runs, it is what stops it)."""
+        def stop(*_):
+            self._server.should_exit = True
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: None)
+            signal.signal(sig, stop)
+
+    def serve(self) -> None:
+        """Serve in this thread until stopped (see :meth:`catch_signals`)."""
         self._server.run(sockets=[self._sock])
 
     def start(self) -> None:
