@@ -754,16 +754,18 @@ class Store:
     # ---- review page (read-only queries) -------------------------------------------------
     # People are the clusters with at least one confident face and not hidden (the ones with a
     # folder); doubtful faces of hidden people are in no folder either (output.desired_tree).
-    _PEOPLE = ("select c.id, c.name, c.representative_face, count(distinct f.sha256) as photos,"
-               " count(*) as faces from clusters c join faces f on f.cluster_id = c.id and f.doubtful = 0"
-               " where c.hidden = 0 group by c.id")
+    # (one pass over the faces table, not by the cluster_id index: that reads the same rows in
+    # random order, 0.8 s instead of 0.5 s at 100k faces)
+    _PEOPLE = ("select c.id, c.name, c.representative_face, p.photos, p.faces from clusters c join"
+               " (select cluster_id, count(distinct sha256) as photos, count(*) as faces from faces not indexed"
+               " where doubtful = 0 group by cluster_id) p on p.cluster_id = c.id where c.hidden = 0")
     _DOUBTFUL = ("doubtful = 1 and (cluster_id is null or cluster_id not in"
                  " (select id from clusters where hidden = 1))")
 
     def page_people(self, limit: int = -1, offset: int = 0) -> list[dict]:
         """People with a folder, the most photos first: id, name, representative_face, photos
         (distinct photos with a confident face of theirs), faces."""
-        return list(self.db.query(f"{self._PEOPLE} order by photos desc, c.id limit ? offset ?", [limit, offset]))
+        return list(self.db.query(f"{self._PEOPLE} order by p.photos desc, c.id limit ? offset ?", [limit, offset]))
 
     def page_person(self, cluster_id: int) -> dict | None:
         """One cluster as :meth:`page_people` shows it (photos and faces 0 when it has no folder)."""

@@ -367,37 +367,6 @@ def test_organizer_web_without_a_store_says_so(tmp_path):
     assert not (tmp_path / "nothing").exists()
 
 
-def test_run_web_serves_the_page_and_the_service_applies_its_changes(lib, tmp_path):
-    """`organizer run --web`: the page's write goes through SQLite's locking while the service
-    holds the store; the service notices it (data_version) and renames the folder."""
-    cfg = tmp_path / "config.toml"
-    cfg.write_text("[service]\nsettle_seconds = 0.5\nrescan_interval = 0\nworkers = 1\n")
-    svc = WebProcess("run", "--web", "--watch", str(lib.watch), "--output", str(lib.output), "--config", str(cfg),
-                     log=tmp_path / "run.log")
-    try:
-        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
-        page = wait_for(lambda: _try(opener, svc.url), 60, "the page")
-        cid = min(_cards(page, "person"))
-        photos = lib.folders()[f"cluster_{cid}"]
-        (csrf,) = set(re.findall(r'name="csrf" value="([^"]+)"', page))
-        body = urllib.parse.urlencode({"name": "Served Name", "csrf": csrf, "back": "/"}).encode()
-        opener.open(urllib.request.Request(svc.base + f"/person/{cid}/name", data=body), timeout=60)
-        wait_for(lambda: lib.folders().get("Served Name") == photos, 30, "the service to rename the folder")
-        opener.open(urllib.request.Request(svc.base + f"/person/{cid}/name", data=body.replace(b"Served+Name", b"")),
-                    timeout=60)
-        wait_for(lambda: lib.folders().get(f"cluster_{cid}") == photos, 30, "the name to be cleared")
-        wait_for(lambda: (lib.output / f"cluster_{cid}" / "representative.jpg").is_file(), 30, "its representative")
-    finally:
-        assert svc.stop() == 0, (tmp_path / "run.log").read_text()[-3000:]
-
-
-def _try(opener, url):
-    try:
-        return opener.open(url, timeout=30).read().decode()
-    except OSError:
-        return None
-
-
 # ---- corrections from the page (organizer.corrections, source "page") ---------------------------
 def _post(client, url: str, **data):
     response = client.post(url, data={"csrf": _form(client, "/"), "back": "/", **data})
@@ -482,7 +451,7 @@ def test_a_doubtful_face_is_assigned_in_one_click_or_hidden_as_a_stranger(lib, u
     _post(user, "/undo")
     assert f'data-face="{fid}"' in user.get("/doubtful").text
     target = sorted(before)[0]
-    _post(user, "/faces/assign", only=str(fid), target=target)
+    _post(user, "/faces/assign", only=str(fid), target=str(_person_id(lib, target)))  # as the one-click form
     assert len(lib.folders()[target]) == len(before[target]) + 1
     history = user.get("/corrections").text
     assert "face(s) assigned to" in history and "undone" in history and ">page<" in history
@@ -514,3 +483,36 @@ def test_actions_refuse_faces_and_people_that_are_not_there(lib, user):
     for url in ("/undo", "/faces/assign", "/faces/stranger", f"/person/{cid}/merge", f"/person/{cid}/hide"):
         assert user.post(url, data={"target": folder, "only": str(fid)}).status_code == 403  # no CSRF token
     assert lib.folders() == before
+
+
+# ---- last: the service with the page (it leaves the library to the service's own tree updates)
+def test_run_web_serves_the_page_and_the_service_applies_its_changes(lib, tmp_path):
+    """`organizer run --web`: the page's write goes through SQLite's locking while the service
+    holds the store; the service notices it (data_version) and renames the folder."""
+    cfg = tmp_path / "config.toml"
+    cfg.write_text("[service]\nsettle_seconds = 0.5\nrescan_interval = 0\nworkers = 1\n")
+    svc = WebProcess("run", "--web", "--watch", str(lib.watch), "--output", str(lib.output), "--config", str(cfg),
+                     log=tmp_path / "run.log")
+    try:
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
+        page = wait_for(lambda: _try(opener, svc.url), 60, "the page")
+        cid = min(_cards(page, "person"))
+        photos = lib.folders()[f"cluster_{cid}"]
+        (csrf,) = set(re.findall(r'name="csrf" value="([^"]+)"', page))
+        body = urllib.parse.urlencode({"name": "Served Name", "csrf": csrf, "back": "/"}).encode()
+        opener.open(urllib.request.Request(svc.base + f"/person/{cid}/name", data=body), timeout=60)
+        wait_for(lambda: lib.folders().get("Served Name") == photos, 30, "the service to rename the folder")
+        wait_for(lambda: (lib.output / "Served Name" / "representative.jpg").is_file(), 30, "its representative")
+        opener.open(urllib.request.Request(svc.base + f"/person/{cid}/name", data=body.replace(b"Served+Name", b"")),
+                    timeout=60)
+        wait_for(lambda: lib.folders().get(f"cluster_{cid}") == photos, 30, "the name to be cleared")
+        wait_for(lambda: (lib.output / f"cluster_{cid}" / "representative.jpg").is_file(), 30, "its representative")
+    finally:
+        assert svc.stop() == 0, (tmp_path / "run.log").read_text()[-3000:]
+
+
+def _try(opener, url):
+    try:
+        return opener.open(url, timeout=30).read().decode()
+    except OSError:
+        return None
