@@ -29,6 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from organizer.cluster import FaceChanges  # noqa: E402
 from organizer.config import ClusteringConfig  # noqa: E402
 
 CFG = ClusteringConfig()  # the service's defaults (eps, min_samples, refinement, doubt margin)
@@ -134,11 +135,9 @@ def worker_engine(n: int, n_photos: int, workdir: str, refine: bool = True) -> d
     eng = load_state(Path(workdir) / "state.npz", EPS, MIN_SAMPLES)
     load_s = time.perf_counter() - t
     centers = np.load(Path(workdir) / "centers.npy")
-    keys = list(range(n))
     people = People(CFG, average_linkage_split if refine else None)
     t = time.perf_counter()
-    res = people.derive(eng.clusters(), vec=eng.vector, photo=lambda f: f, quality=lambda f: 0.0,
-                        within_many=eng.within_many, vecs=eng.vectors, all_faces=keys, previous={}, next_id=1)
+    res = people.derive(eng.clusters(), eng, photo=lambda f: f, quality=lambda f: 0.0, next_id=1, previous={})
     derive_s = time.perf_counter() - t
     if refine:  # what the service keeps for its next start: ids in the store, nearest faces saved
         a = people.assign
@@ -164,7 +163,7 @@ def worker_resume(n: int, n_photos: int, workdir: str) -> dict:
     saved = {f: (None if c < 0 else c, bool(d), None, None)
              for f, c, d in zip(arrays["faces"].tolist(), arrays["cid"].tolist(), arrays["doubtful"].tolist())}
     people = People(CFG, average_linkage_split)
-    reused = people.load(saved, saved, eng.vector, eng.within_many, vecs=eng.vectors, near=near)
+    reused = people.load(saved, saved, eng, near=near)
     start_s = time.perf_counter() - t
     assert reused
     centers = np.load(Path(workdir) / "centers.npy")
@@ -183,9 +182,8 @@ def _updates(eng, people, centers, n: int, n_photos: int, next_id: int, out: dic
         upd = eng.insert(new, v)
         t1 = time.perf_counter()
         live = {lab: m for lab in upd.touched_labels if (m := eng.members(lab))}
-        res = people.derive(live, vec=eng.vector, photo=lambda f: f, quality=lambda f: 0.0,
-                            within_many=eng.within_many, vecs=eng.vectors, all_faces=eng,
-                            previous=people.cid, next_id=next_id, touched_faces=upd.changed_keys)
+        res = people.derive(live, eng, photo=lambda f: f, quality=lambda f: 0.0, next_id=next_id,
+                            changes=FaceChanges(upd.changed_keys, ()))
         t2 = time.perf_counter()
         next_id = res.next_id
         engine_ms.append((t1 - t0) * 1000)

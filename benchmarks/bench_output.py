@@ -54,7 +54,7 @@ def worker(n: int, workdir: str) -> dict:
     from organizer.config import load_config
     from organizer.encode import FaceRecord, PhotoResult
     from organizer.output import reconcile
-    from organizer.store import Store
+    from organizer.store import PhotoFile, Store
 
     work = Path(workdir)
     src, out = work / "photos", work / "sorted"
@@ -77,9 +77,11 @@ def worker(n: int, workdir: str) -> dict:
                 shutil.copy(work / "face.jpg", p.parent / "face.jpg")
             os.link(p.parent / "face.jpg", p)
             face = FaceRecord(**box, encoding=rng.normal(size=128), sharpness=100.0)
-            batch.append((str(p), f"{i:064x}", 1000, 0.0, PhotoResult(p, w, h, [face])))
+            batch.append((PhotoFile(str(p), 1000, 0.0), f"{i:064x}", PhotoResult(p, w, h, [face])))
             if len(batch) == 2000 or i == n - 1:
-                store.record_batch(batch, [], [])
+                with store.db.atomic():  # one commit per 2000 photos: the set-up is not what is measured
+                    for photo, sha, result in batch:
+                        store.record_encoded(photo, sha, result)
                 batch = []
         ids = [f for (f,) in store.db.execute("select id from faces order by id")]
         assignments, members = {}, {}
@@ -114,8 +116,8 @@ def worker(n: int, workdir: str) -> dict:
         # one new photo of the biggest person, as a service batch ends: store, clustering, tree
         p = src / "new.jpg"
         os.link(work / "face.jpg", p)
-        store.record_batch([(str(p), f"{n:064x}", 1000, 0.0, PhotoResult(p, w, h, [FaceRecord(
-            **box, encoding=rng.normal(size=128), sharpness=100.0)]))], [], [])
+        store.record_encoded(PhotoFile(str(p), 1000, 0.0), f"{n:064x}", PhotoResult(p, w, h, [FaceRecord(
+            **box, encoding=rng.normal(size=128), sharpness=100.0)]))
         (f,) = store.db.execute("select max(id) from faces").fetchone()
         store.save_clustering({f: (1, False, None, 1)}, {1: (clusters[1][0] + 1, clusters[1][1])}, (), n_people + 1)
         one_s = timed(lambda: run(False))

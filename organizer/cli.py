@@ -15,6 +15,7 @@ from . import __version__
 from .config import ConfigError, Settings, load_config
 from .logs import printable, setup_logging
 from .store import Store, StoreError
+from .storefile import unusable_message
 
 log = logging.getLogger("organizer")
 
@@ -49,11 +50,7 @@ def common_options(fn):
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
         except sqlite3.DatabaseError as exc:
-            click.echo(
-                f"error: cannot use the store {settings.db_path}: {exc}. Is the disk full, read-only or "
-                "failing? Nothing committed is lost; run the command again once it is fixed.",
-                err=True,
-            )
+            click.echo(f"error: {unusable_message(settings.db_path, exc)}", err=True)
             sys.exit(1)
 
     return wrapper

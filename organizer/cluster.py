@@ -1,8 +1,9 @@
 """Cluster: group face encodings into people with DBSCAN and give each person a stable id.
 
 The partition comes from DBSCAN (euclidean on the 128-d encodings): kept exactly and
-incrementally by :mod:`organizer.incremental` in the service, recomputed with scikit-learn by
-`organizer recluster`. Everything derived from it is *local*, so both paths give the same folders:
+incrementally by :mod:`organizer.incremental_dbscan` in the service, recomputed with scikit-learn
+by `organizer recluster` (both driven by :mod:`organizer.clustering`). Everything derived from it
+is *local*, so both paths give the same folders:
 
 * people: each DBSCAN cluster is refined on its own (:func:`split_cluster`: refinement against
   chaining, eps-connected parts, a person seen once is not a person, cannot-link inside a photo);
@@ -18,6 +19,7 @@ from __future__ import annotations
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
 
 import numpy as np
 from scipy.sparse.csgraph import connected_components
@@ -275,14 +277,49 @@ def representative(members: Sequence[int], vecs: Callable[[list[int]], np.ndarra
     return members[max(central, key=lambda i: (quality(members[i]), -i))]
 
 
+class FaceIndex(Protocol):
+    """The faces the people layer works on: their encodings and radius queries over them.
+    :class:`~organizer.incremental_dbscan.IncrementalDBSCAN` (the service) and
+    :class:`Neighbours` (a batch run) provide it."""
+
+    def __contains__(self, face: int) -> bool: ...
+
+    def keys(self) -> Iterable[int]: ...
+
+    def vectors(self, faces: Sequence[int]) -> np.ndarray: ...
+
+    def within_many(self, vecs: np.ndarray, radius: float) -> list[tuple[np.ndarray, np.ndarray]]: ...
+
+
+class FaceChanges(NamedTuple):
+    """What changed since the last derivation (an incremental run)."""
+
+    touched: set[int]  # faces inserted, or whose DBSCAN label changed
+    removed: Sequence[int]  # faces deleted
+
+
 class Neighbours:
-    """Radius queries over a fixed set of encodings (brute force, blocked): the batch path.
+    """A :class:`FaceIndex` over a fixed set of encodings (brute force, blocked): the batch path.
     Same arithmetic as the engine's (:func:`~organizer.incremental_dbscan.radius_query`)."""
 
     def __init__(self, ids: np.ndarray, enc: np.ndarray):
         self.ids = np.asarray(ids)
-        self.x32 = np.asarray(enc, dtype=np.float32)
+        self.enc = np.asarray(enc, dtype=np.float64)
+        self.x32 = self.enc.astype(np.float32)
         self.sq = np.einsum("ij,ij->i", self.x32, self.x32)
+        self._row = {int(f): i for i, f in enumerate(self.ids.tolist())}
+
+    def __contains__(self, face: int) -> bool:
+        return face in self._row
+
+    def keys(self) -> Iterable[int]:
+        return self._row.keys()
+
+    def vectors(self, faces: Sequence[int]) -> np.ndarray:
+        return self.enc[[self._row[f] for f in faces]]
+
+    def within(self, vec: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
+        return self.within_many(np.asarray(vec, dtype=np.float64)[None, :], radius)[0]
 
     def within_many(self, vecs: np.ndarray, radius: float) -> list[tuple[np.ndarray, np.ndarray]]:
         return radius_query(self.x32, self.sq, self.ids, vecs, radius)
@@ -316,6 +353,7 @@ class People:
     def __init__(self, cfg, refine: RefineFn | None = None):
         self.cfg = cfg
         self.refine = refine
+        self._index: FaceIndex | None = None  # the faces of the last derive/load
         self.cid: dict[int, int | None] = {}  # face -> cluster id (None: noise)
         self.assign: dict[int, FaceAssignment] = {}
         self.members: dict[int, set[int]] = {}  # cluster id -> faces
@@ -369,14 +407,14 @@ class People:
         j = np.lexsort((near[close], exact))[0]
         return float(exact[j]), int(near[close][j])
 
-    def load(self, saved: dict[int, tuple], faces: Iterable[int], vec, within_many, vecs=None,
+    def load(self, saved: dict[int, tuple], faces: Iterable[int], index: FaceIndex,
              near: dict[str, np.ndarray] | None = None) -> bool:
         """Resume from a saved clustering (clean store): ids and doubt from the store. The nearest
         own/other faces (needed for later updates) come from ``near`` (:meth:`near_state` saved at
         the last shutdown) when it was made for exactly these faces and ids - they are a function
         of those alone - and are recomputed otherwise (minutes at 100k faces). True if reused."""
         faces = sorted(faces)
-        self._vecs = vecs or (lambda keys: np.stack([vec(f) for f in keys]))
+        self._index = index
         for f in faces:
             cid, doubtful, reason, hint = saved[f]
             self._set_cid(f, cid)
@@ -391,7 +429,7 @@ class People:
                                          near["other_d"].tolist(), near["other_f"].tolist()):
                 self._set_near(f, (od, of), (xd, xf))
         else:
-            self._recompute(faces, vec, within_many)
+            self._recompute(faces)
         for f in faces:
             self._set_raw(f, self._decide(f))
         self._lonely = {c for c in self.members if self._confident.get(c, 0) < self.min_confident}
@@ -439,13 +477,16 @@ class People:
             if new >= 0:
                 self._refs.setdefault(new, set()).add(f)
 
-    def _recompute(self, faces: list[int], vec, within_many, keep: bool = False) -> list:
+    def _vecs(self, faces: Sequence[int]) -> np.ndarray:
+        return self._index.vectors(faces)
+
+    def _recompute(self, faces: list[int], keep: bool = False) -> list:
         """Nearest own/other face of each face from scratch, in chunks (bounded memory);
         returns the radius query results when ``keep``."""
         kept = []
         for start in range(0, len(faces), 512):
             chunk = faces[start : start + 512]
-            found = within_many(self._vecs(chunk), self.cfg.eps)
+            found = self._index.within_many(self._vecs(chunk), self.cfg.eps)
             self._nearest_from(chunk, found)
             if keep:
                 kept += found
@@ -478,33 +519,48 @@ class People:
     def derive(
         self,
         clusters: dict[int, list[int]],
-        vec: Callable[[int], np.ndarray],
+        index: FaceIndex,
         photo: Callable[[int], object],
         quality: Callable[[int], float],
-        within_many,
-        all_faces: Iterable[int],
-        previous: dict[int, int | None],
         next_id: int,
-        touched_faces: Iterable[int] | None = None,
-        removed_faces: Iterable[int] = (),
-        vecs: Callable[[list[int]], np.ndarray] | None = None,
+        previous: dict[int, int | None] | None = None,
+        changes: FaceChanges | None = None,
     ) -> ClusterResult:
-        """Recompute people for the given DBSCAN ``clusters`` (label -> face ids).
+        """Recompute people for the given DBSCAN ``clusters`` (label -> face ids) of ``index``.
 
-        Full run: every cluster, ``touched_faces=None``. Incremental run: the clusters an update
-        touched, ``touched_faces`` = faces inserted or whose DBSCAN label changed, and
-        ``removed_faces`` = faces deleted since the last run.
+        Full run (no ``changes``): every cluster of the index; ids are inherited from ``previous``
+        (face -> cluster id). Incremental run: the clusters an update touched, and the ``changes``
+        since the last run; ids are inherited from the current state, and nothing costs O(all
+        faces). Both runs go through the same steps, so they agree.
         """
-        eps = self.cfg.eps
-        self._vecs = vecs or (lambda keys: np.stack([vec(f) for f in keys]))
-        full = touched_faces is None
+        self._index = index
+        full = changes is None
+        # the live faces: an update asks only `in` of them, so the index itself does (no O(n) copy)
+        live = set(index.keys()) if full else index
+        removed = ({f for f in self.cid if f not in live} if full
+                   else {f for f in changes.removed if f in self.cid})
+        old_cid = self._forget(removed)
+        groups, reasons, in_scope = self._split(clusters, photo)
+        # The faces in scope as one sorted array; from here on, work on a touched cluster of
+        # thousands of faces is vectorised, and only faces whose person changes cost Python time.
         if full:
-            all_faces = set(all_faces)
-            removed = set(removed_faces) | {f for f in self.cid if f not in all_faces}
-        else:
-            # incremental: nothing here may cost O(all faces). ``all_faces`` only needs `in`
-            # (the engine itself will do), and the caller names every face removed since.
-            removed = {f for f in removed_faces if f in self.cid}
+            scope = np.asarray(sorted(live), dtype=np.int64)
+        else:  # members of live clusters are live faces; only touched faces may have left
+            extra = [f for f in changes.touched if f in live]
+            scope = np.unique(np.concatenate(in_scope + [np.asarray(extra, dtype=np.int64)]))
+        current = self._cids(scope)  # before this update (-2: a new face)
+        new_ids, next_id, old_ids = self._match(groups, scope, current, (previous or {}) if full else None,
+                                                next_id, old_cid)
+        changed = self._relabel(scope, current, groups, new_ids, reasons, full)
+        touched = self._refresh_nearest(changed, removed, live, full)
+        result = ClusterResult(next_id=next_id)
+        touched |= self._redecide(touched, old_cid, live, full, result)
+        self._summarise(touched, new_ids, live, quality, result)
+        result.removed = {c for c in old_ids if c not in self.members}
+        return result
+
+    def _forget(self, removed: set[int]) -> dict[int, int | None]:
+        """Drop removed faces; returns their cluster ids."""
         old_cid = {f: self.cid.get(f) for f in removed}
         for f in removed:
             self._set_raw(f, None)
@@ -513,6 +569,10 @@ class People:
             for d in (self.cid, self.assign, self.own, self.other, self._reason):
                 d.pop(f, None)
             self._cid_arr[f] = -2
+        return old_cid
+
+    def _split(self, clusters: dict[int, list[int]], photo) -> tuple[list[np.ndarray], dict[int, str], list[np.ndarray]]:
+        """People in each DBSCAN cluster: (groups, noise reasons, each cluster's sorted members)."""
         groups: list[np.ndarray] = []
         reasons: dict[int, str] = {}
         in_scope: list[np.ndarray] = []
@@ -520,37 +580,37 @@ class People:
             ids = np.asarray(sorted(clusters[label]), dtype=np.int64)
             in_scope.append(ids)
             ph = np.array([photo(f) for f in ids.tolist()], dtype=object)
-            g, r = split_cluster(ids, lambda idx, ids=ids: self._vecs(ids[idx].tolist()), ph, eps,
+            g, r = split_cluster(ids, lambda idx, ids=ids: self._vecs(ids[idx].tolist()), ph, self.cfg.eps,
                                  self.cfg, self.refine)
             groups += [np.asarray(x, dtype=np.int64) for x in g]
             reasons.update(r)
-        # The faces in scope as one sorted array; from here on, work on a touched cluster of
-        # thousands of faces is vectorised, and only faces whose person changes cost Python time.
-        if full:
-            scope = np.asarray(sorted(all_faces), dtype=np.int64)
-        else:  # members of live clusters are live faces; only touched faces may have left
-            extra = [f for f in touched_faces or () if f in all_faces]
-            scope = np.unique(np.concatenate(in_scope + [np.asarray(extra, dtype=np.int64)]))
-        current = self._cids(scope)  # before this update (-2: a new face)
-        if full:
+        return groups, reasons, in_scope
+
+    def _match(self, groups, scope, current, previous, next_id, old_cid) -> tuple[list[int], int, set[int]]:
+        """Ids for the groups: (ids, next free id, ids in use before). ``previous`` (a full run):
+        the ids to inherit; None: the current state's (an update, which must leave the ids of
+        faces outside it alone)."""
+        if previous is not None:
             old_ids = {previous.get(f) for f in scope.tolist()} | set(old_cid.values())
-
-            def overlap(g: np.ndarray) -> Counter:
-                return Counter(previous.get(f) for f in g.tolist())
-        else:  # ``previous`` is the current state (self.cid): read it from the array
+            overlaps = [Counter(previous.get(f) for f in g.tolist()) for g in groups]
+            reserved: set[int] = set()
+        else:  # read the current state from the array
             old_ids = set(np.unique(current[current >= 0]).tolist()) | set(old_cid.values())
-
-            def overlap(g: np.ndarray) -> Counter:
+            overlaps = []
+            for g in groups:
                 c, n = np.unique(self._cids(g), return_counts=True)
-                return Counter({int(a): int(b) for a, b in zip(c, n) if a >= 0})
-        old_ids.discard(None)
-        # ids still used by faces outside this update must not be handed to a group inside it
-        reserved: set[int] = set()
-        if not full:
+                overlaps.append(Counter({int(a): int(b) for a, b in zip(c, n) if a >= 0}))
+            # ids still used by faces outside this update must not be handed to a group inside it
             inside, n_inside = np.unique(current[current >= 0], return_counts=True)
             whole = {int(c) for c, n in zip(inside, n_inside) if n == len(self.members[int(c)])}
             reserved = set(self.members) - whole
-        new_ids, next_id = match_ids(groups, previous, next_id, reserved, overlaps=[overlap(g) for g in groups])
+        old_ids.discard(None)
+        new_ids, next_id = match_ids(groups, previous or {}, next_id, reserved, overlaps=overlaps)
+        return new_ids, next_id, old_ids
+
+    def _relabel(self, scope, current, groups, new_ids, reasons, full: bool) -> list[int]:
+        """Give the faces in scope their new ids and noise reasons; returns the faces to
+        re-examine (a full run: all of them; an update: those whose id changed)."""
         new = np.full(len(scope), -1, dtype=np.int64)
         for gid, members in zip(new_ids, groups):
             new[np.searchsorted(scope, members)] = gid
@@ -562,42 +622,55 @@ class People:
                 reason.pop(f, None)
         for f in scope[new < 0].tolist():
             reason[f] = reasons.get(f, REASON_NOISE)
-        changed = scope.tolist() if full else scope[moved].tolist()
-        changed_set = set(changed)
+        return scope.tolist() if full else scope[moved].tolist()
 
-        # nearest own/other faces: recompute the changed faces and the faces whose recorded
-        # nearest faces changed or left; patch the other neighbours of changed faces
+    def _refresh_nearest(self, changed: list[int], removed: set[int], live, full: bool) -> set[int]:
+        """Nearest own/other faces: recompute the changed faces and (an update) the faces whose
+        recorded nearest faces changed or left, and patch the other neighbours of changed faces.
+        Returns every face whose nearest faces may have changed."""
+        changed_set = set(changed)
+        if full:
+            self._recompute(changed)
+            return changed_set
         redo: set[int] = set()
+        for x in removed | changed_set:
+            redo |= self._refs.pop(x, set())
+        redo = {f for f in redo - changed_set if f in live}
+        near_changed = self._recompute(changed, keep=True)
+        patched = self._patch_neighbours(changed, near_changed, changed_set | redo, live)
+        self._recompute(sorted(redo))
+        return changed_set | redo | patched
+
+    def _patch_neighbours(self, changed: list[int], found: list, skip: set[int], live) -> set[int]:
+        """Neighbours of changed faces that a changed face is now nearer to than their recorded
+        nearest face of its kind (own/other person); returns them."""
         patched: set[int] = set()
-        if not full:
-            for x in removed | changed_set:
-                redo |= self._refs.pop(x, set())
-            redo = {f for f in redo - changed_set if f in all_faces}
-        near_changed = self._recompute(changed, vec, within_many, keep=not full)
-        if not full:
-            for f, (near, dist) in zip(changed, near_changed):
-                cf = self.cid[f]
-                if cf is None:
+        for f, (near, dist) in zip(changed, found):
+            cf = self.cid[f]
+            if cf is None:
+                continue
+            # only neighbours that f may be nearer to than their recorded nearest (vectorised
+            # screen over what can be thousands of neighbours in a big cluster)
+            mine = self._cids(near) == cf
+            inside = near < len(self._near_d)
+            best_d = np.full(len(near), np.inf)
+            best_d[inside] = np.where(mine[inside], self._near_d[near[inside], 0], self._near_d[near[inside], 1])
+            maybe = np.flatnonzero((near != f) & (dist * dist <= best_d * best_d + _TIE2))
+            for g, same in zip(near[maybe].tolist(), mine[maybe].tolist()):
+                if g in skip or g not in live:
                     continue
-                # only neighbours that f may be nearer to than their recorded nearest (vectorised
-                # screen over what can be thousands of neighbours in a big cluster)
-                mine = self._cids(near) == cf
-                inside = near < len(self._near_d)
-                best_d = np.full(len(near), np.inf)
-                best_d[inside] = np.where(mine[inside], self._near_d[near[inside], 0], self._near_d[near[inside], 1])
-                maybe = np.flatnonzero((near != f) & (dist * dist <= best_d * best_d + _TIE2))
-                for g, same in zip(near[maybe].tolist(), mine[maybe].tolist()):
-                    if g in changed_set or g in redo or g not in all_faces:
-                        continue
-                    own, other = self.own.get(g, _NONE), self.other.get(g, _NONE)
-                    d = float(self._exact(g, [f])[0])
-                    if (d, f) < (own if same else other):
-                        self._set_near(g, (d, f), other) if same else self._set_near(g, own, (d, f))
-                        patched.add(g)
-            self._recompute(sorted(redo), vec, within_many)
-        touched = changed_set | redo | patched
-        result = ClusterResult(next_id=next_id)
-        live_touched = {f for f in touched if f in all_faces}
+                own, other = self.own.get(g, _NONE), self.other.get(g, _NONE)
+                d = float(self._exact(g, [f])[0])
+                if (d, f) < (own if same else other):
+                    self._set_near(g, (d, f), other) if same else self._set_near(g, own, (d, f))
+                    patched.add(g)
+        return patched
+
+    def _redecide(self, touched: set[int], old_cid: dict, live, full: bool, result: ClusterResult) -> set[int]:
+        """Doubt for the touched faces, and for every face of a group that crossed the
+        min_confident line; changed decisions (a full run: all) go into ``result``. Returns the
+        faces decided."""
+        live_touched = {f for f in touched if f in live}
         check = {c for c in old_cid.values() if c is not None}
         for f in live_touched:
             old = self.raw.get(f)
@@ -621,10 +694,11 @@ class People:
             if full or self.assign.get(f) != a:
                 result.assignments[f] = a
             self.assign[f] = a
-        touched = touched | final
+        return final
 
-        # clusters: size and representative for every id whose membership or doubt changed
-        affected = {self.cid[f] for f in touched if f in all_faces and self.cid.get(f) is not None} | set(new_ids)
+    def _summarise(self, touched: set[int], new_ids: list[int], live, quality, result: ClusterResult) -> None:
+        """Size and representative of every cluster whose membership or doubt changed."""
+        affected = {self.cid[f] for f in touched if f in live and self.cid.get(f) is not None} | set(new_ids)
         for c in sorted(affected):
             members = self.members.get(c, set())
             if not members:
@@ -633,5 +707,3 @@ class People:
             sample = ids[refinement_sample(ids)].tolist()  # all of them, up to REFINE_SAMPLE
             confident = [f for f in sample if not self.assign[f].doubtful] or sample
             result.clusters[c] = (len(members), representative(confident, self._vecs, quality))
-        result.removed = {c for c in old_ids if c not in self.members}
-        return result

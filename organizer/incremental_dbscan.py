@@ -1,27 +1,19 @@
 """Exact incremental DBSCAN: the partition scikit-learn's DBSCAN gives, kept up to date point by point.
 
-Why by hand: no maintained library does exact *and* fast inserts and deletions at 100k points
-(incdbscan is exact but ~10 ms per insert at 10k and slow to build; approximate indexes such as
-hnswlib are not exact). The engine keeps, for the current set of points:
+Written by hand because no maintained library does exact *and* fast inserts and deletions (the
+README's "Clustering" section says which were tried, and the figures). For the current points
+the engine keeps:
 
 * the number of points within ``eps`` of each point (itself included): a point is *core* when it
   has at least ``min_samples`` (scikit-learn's definition);
 * clusters = connected components of cores (cores within ``eps`` are linked);
 * for each non-core point, its nearest core within ``eps`` (ties: the smaller key): a *border*
-  point belongs to that core's cluster; a point with no core within ``eps`` is noise.
+  point belongs to that core's cluster; a point with no core within ``eps`` is noise. (scikit-
+  learn gives it to whichever cluster reached it first; the nearest core is deterministic.)
 
-scikit-learn gives a border point within eps of two clusters to whichever it reached first; we
-use the nearest core (the documented deterministic rule), so core points, noise and clusters are
-exactly scikit-learn's, and border points go to one of the clusters scikit-learn could give them.
-
-Points are kept in float32, the precision dlib computes encodings in (the store's float64
-encodings are float32 values, so nothing is lost; other input is rounded on the way in, and the
-partition is scikit-learn's on the rounded points). Neighbour search is brute force over that
-in-memory matrix (one matrix-vector product per query, a few ms at 100k faces on one core) with
-an exact float64 re-check of every candidate near the boundary, so distances compare to ``eps``
-exactly as direct euclidean differences do. Brute force because it is exact and simple: at 100k
-faces the matrix is 51 MB and a query costs a few ms; exact indexes (trees) do no better in 128-d,
-and approximate ones (hnswlib, faiss IVF) could miss a neighbour and change the partition.
+Points are kept in float32, the precision dlib computes encodings in. Neighbour search is an
+exact brute force over that matrix with a float64 re-check near the boundary, so distances
+compare to ``eps`` exactly (an approximate index could miss a neighbour and change the partition).
 Clusters keep their label when untouched; a merge keeps the label of the larger cluster, a split
 gives the largest part the old label.
 """
@@ -79,6 +71,10 @@ class IncrementalDBSCAN:
 
     def __contains__(self, key: int) -> bool:
         return key in self._row
+
+    def keys(self) -> Iterable[int]:
+        """The keys of the stored points (a live view: copy it before inserting or deleting)."""
+        return self._row.keys()
 
     def _grow(self) -> None:
         old = len(self._key)

@@ -26,7 +26,8 @@ from .config import Settings
 from .encode import EncoderUnavailable, check_models
 from .ingest import discover, is_candidate
 from .pipeline import Organizer, has_entries
-from .store import Store, StoreError, damaged_store_message
+from .store import Store, StoreError
+from .storefile import unusable_message
 from .watch import Settler, Watcher
 
 log = logging.getLogger(__name__)
@@ -34,13 +35,6 @@ log = logging.getLogger(__name__)
 TICK = 0.5  # seconds between checks of the event queue
 TREE_QUIET = 1.0  # seconds without changes in the person folders before they are read (a folder
 # deleted file by file, or many links moved, is read as one change, not as its first steps)
-
-
-def _store_problem(path: Path, exc: sqlite3.DatabaseError) -> str:
-    if isinstance(exc, sqlite3.OperationalError):
-        return (f"cannot write the store {path}: {exc}. Is the disk full, read-only or failing? "
-                "Nothing committed is lost: the next start resumes from the store as it is.")
-    return damaged_store_message(path, exc)
 
 
 class _Notifier:
@@ -163,7 +157,7 @@ class Service:
             log.info("stopped cleanly")
             return 0
         except sqlite3.DatabaseError as exc:  # OperationalError too: disk full, I/O error, read-only
-            log.error("%s", _store_problem(s.db_path, exc))
+            log.error("%s", unusable_message(s.db_path, exc, "write"))
             self.notify(f"STATUS=stopped: cannot use the store ({exc})")
             return 1
         finally:

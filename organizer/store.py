@@ -1,13 +1,13 @@
 """Store: the SQLite database of photos, faces, clusters and the output manifest.
 
 This is the only module that writes SQL. The service holds one connection and writes from one
-thread; each batch of photos is committed in one transaction, so killing the process at any
-moment leaves a consistent database that the next start resumes from.
+thread; each photo's result, each removal and each clustering update is committed in one
+transaction, so killing the process at any moment leaves a consistent database that the next
+start resumes from. Opening and locking the file: storefile.py.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import sqlite3
@@ -15,15 +15,17 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import sqlite_utils
 from sqlite_utils.migrations import Migrations
 
 from .logs import printable
+from .storefile import APP_ID, StoreError, StoreLocked, check_file, require_existing, take_lock
 
-APP_ID = "organizer"
-SQLITE_MAGIC = b"SQLite format 3\x00"
+__all__ = ["Store", "StoreError", "StoreLocked", "PhotoFile", "PhotoState", "FaceVectors", "FaceClustering", "Face",
+           "CorrectionRow"]
 
 migrations = Migrations("organizer")
 
@@ -32,10 +34,6 @@ ENCODER = "encoder"  # meta key: what made the stored encodings (encode.encoder_
 REENCODING = "reencoding"  # meta key: an unfinished re-encoding, {"encoder": id, "after": last sha256 done}
 OUTPUT_ERRORS = "output_errors"  # meta key: the last reconcile's errors (JSON list), for `status`
 TREE_UNCLEAR = "tree_unclear"  # meta key: changes in the output tree not understood (JSON list), for `status`
-
-
-class StoreError(Exception):
-    """The store cannot be used (foreign file, locked by another instance, ...)."""
 
 
 @migrations()
@@ -179,89 +177,6 @@ class CorrectionRow:
     faces: list[int]  # current face ids (faces of photos no longer in the library are left out)
 
 
-def _check_foreign(path: Path) -> None:
-    """Refuse to touch a file at the db path that is not an organizer store."""
-    if not path.exists():
-        return
-    if path.is_dir():
-        raise StoreError(f"{path} is a directory, not a database file")
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(len(SQLITE_MAGIC))
-    except OSError as exc:
-        raise StoreError(f"cannot read the store {path}: {exc.strerror}") from None
-    if not head:
-        if path.stat().st_size == 0:
-            return  # an empty file (e.g. created by touch) is a fresh database
-    if head != SQLITE_MAGIC:
-        raise StoreError(
-            f"{path} exists but is not a SQLite database; refusing to overwrite it. "
-            "Point --db elsewhere or move the file away."
-        )
-    # Without a -wal file nobody has the store open: read it as immutable, which creates no
-    # -wal/-shm files next to a file that may not be ours. With one, read it normally (WAL).
-    immutable = "" if os.path.exists(f"{path}-wal") else "&immutable=1"
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro{immutable}", uri=True)
-        try:
-            tables = {r[0] for r in conn.execute("select name from sqlite_master where type='table'")}
-            if not tables:
-                return
-            app = None
-            if "meta" in tables:
-                row = conn.execute("select value from meta where key='app'").fetchone()
-                app = row[0] if row else None
-            if app == APP_ID:
-                # the header, schema and meta can read fine while pages further in are garbage;
-                # quick_check reads every page (about a second per GB) and catches that
-                problems = [r[0] for r in conn.execute("PRAGMA quick_check(5)")]
-                if problems != ["ok"]:
-                    raise StoreError(damaged_store_message(path, "; ".join(problems)))
-        finally:
-            conn.close()
-    except sqlite3.OperationalError as exc:
-        # the disk, not the file: full, read-only, failing, or no room for the WAL index
-        raise StoreError(
-            f"cannot open the store {path}: {exc}. Is its disk full, read-only or failing? "
-            "The store itself is left as it is."
-        ) from None
-    except sqlite3.DatabaseError as exc:
-        if app_hint(path) == APP_ID:
-            raise StoreError(damaged_store_message(path, exc)) from None
-        raise StoreError(
-            f"{path} is a damaged or unreadable SQLite file ({exc}); refusing to overwrite it. "
-            "Move it away (the organizer rebuilds its store from the photos) or point --db elsewhere."
-        ) from None
-    if app != APP_ID:
-        raise StoreError(
-            f"{path} is a SQLite database that belongs to another program; refusing to touch it. "
-            "Point --db elsewhere."
-        )
-
-
-def damaged_store_message(path: Path, detail) -> str:
-    return (f"the store {path} is damaged ({detail}); it is left exactly as it is. Move it away to have the "
-            "organizer rebuild it from the photos (names given to people are lost), or restore a backup.")
-
-
-def app_hint(path: Path) -> str | None:
-    """The store's app name if it can still be read (a damaged store may still say whose it is)."""
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
-        try:
-            row = conn.execute("select value from meta where key='app'").fetchone()
-            return row[0] if row else None
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        return None
-
-
-def _require_existing(path: Path) -> None:
-    if not path.exists():
-        raise StoreError(f"no store at {path} yet (run `organizer scan` or `organizer run` first)")
-
-
 def _db_text(text: str) -> str | bytes:
     """A path (or text holding one) as the store keeps it.
 
@@ -283,19 +198,61 @@ def _py_text(value: str | bytes | None) -> str | None:
     return os.fsdecode(value) if isinstance(value, bytes) else value
 
 
-def _face_arrays(rows):
-    ids = np.array([r[0] for r in rows], dtype=np.int64)
-    shas = np.array([r[1] for r in rows], dtype=object)
-    enc = (
-        # float32 values, as dlib computes them (and as the clustering engine keeps them)
-        np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float64).reshape(len(rows), -1)
-        .astype(np.float32).astype(np.float64)
-        if rows
-        else np.zeros((0, 128))
-    )
-    sharp = np.array([r[3] for r in rows], dtype=np.float64)
-    size = np.array([r[4] for r in rows], dtype=np.float64)
-    return ids, shas, enc, sharp, size
+class PhotoFile(NamedTuple):
+    """A photo file as the organizer saw it: a changed size or mtime means changed content."""
+
+    path: str
+    size: int
+    mtime: float
+
+
+class PhotoState(NamedTuple):
+    size: int
+    mtime: float
+    status: str  # "ok" or "failed"
+
+
+class FaceClustering(NamedTuple):
+    """What the clustering says of one face."""
+
+    cluster_id: int | None  # its person; None: noise or unusable
+    doubtful: bool
+    reason: str | None  # why it is doubtful
+    nearest_cluster: int | None  # the person it resembles most (a doubtful face's hint)
+
+
+@dataclass(frozen=True)
+class FaceVectors:
+    """Faces for the clustering, as parallel arrays in face id order."""
+
+    ids: np.ndarray  # int64
+    photos: np.ndarray  # sha256 of each face's photo content
+    encodings: np.ndarray  # n x 128 float64 (float32 values, as dlib computes them)
+    sharpness: np.ndarray
+    size: np.ndarray  # pixels
+
+    @classmethod
+    def from_rows(cls, rows) -> "FaceVectors":
+        enc = (
+            # float32 values, as dlib computes them (and as the clustering engine keeps them)
+            np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float64).reshape(len(rows), -1)
+            .astype(np.float32).astype(np.float64)
+            if rows
+            else np.zeros((0, 128))
+        )
+        return cls(
+            ids=np.array([r[0] for r in rows], dtype=np.int64),
+            photos=np.array([r[1] for r in rows], dtype=object),
+            encodings=enc,
+            sharpness=np.array([r[3] for r in rows], dtype=np.float64),
+            size=np.array([r[4] for r in rows], dtype=np.float64),
+        )
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+_FACE_VECTORS = "select id, sha256, encoding, sharpness, size from faces"
 
 
 class Store:
@@ -311,30 +268,12 @@ class Store:
     @classmethod
     def open(cls, path: Path, create: bool = True) -> "Store":
         """Open (creating if needed, unless not ``create``) for writing; refuses a second writer
-        on the same store."""
+        on the same store (:class:`StoreLocked`)."""
         path = Path(path)
         if not create:
-            _require_existing(path)
-        _check_foreign(path)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            lock_fh = open(str(path) + ".lock", "a+")
-        except OSError as exc:
-            raise StoreError(f"cannot create the store folder {path.parent}: {exc.strerror}") from None
-        try:
-            fcntl.flock(lock_fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock_fh.seek(0)
-            holder = lock_fh.read().strip() or "unknown"
-            lock_fh.close()
-            raise StoreError(
-                f"another organizer (pid {holder}) is already using the store {path}; "
-                "stop it first (only one instance may write a store)"
-            ) from None
-        lock_fh.seek(0)
-        lock_fh.truncate()
-        lock_fh.write(str(os.getpid()))
-        lock_fh.flush()
+            require_existing(path)
+        check_file(path)
+        lock_fh = take_lock(path)
         conn = sqlite3.connect(str(path), timeout=30, isolation_level=None)
         db = sqlite_utils.Database(conn)
         db.execute("PRAGMA journal_mode=WAL")
@@ -352,12 +291,11 @@ class Store:
         otherwise relies on SQLite's own locking for the single write (``locked`` is False).
         """
         path = Path(path)
-        _require_existing(path)
+        require_existing(path)
         try:
             return cls.open(path)
-        except StoreError as exc:
-            if "already using" not in str(exc):
-                raise
+        except StoreLocked:
+            pass
         conn = sqlite3.connect(str(path), timeout=30, isolation_level=None)
         db = sqlite_utils.Database(conn)
         db.execute("PRAGMA busy_timeout=30000")
@@ -372,8 +310,8 @@ class Store:
     def open_readonly(cls, path: Path) -> "Store":
         """Open for reading while a service may be writing (WAL allows it)."""
         path = Path(path)
-        _require_existing(path)
-        _check_foreign(path)
+        require_existing(path)
+        check_file(path)
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
         db = sqlite_utils.Database(conn)
         if migrations.pending(db):
@@ -400,87 +338,70 @@ class Store:
     def has_photos(self) -> bool:
         return self.db.execute("select exists(select 1 from photos)").fetchone()[0] == 1
 
-    def photo_states(self, paths: Iterable[str] | None = None) -> dict[str, tuple[int, float, str]]:
-        """path -> (size, mtime, status) for every known photo, or for those of ``paths`` (by the
-        primary key: a batch of the service does not read the whole table)."""
+    def photo_states(self, paths: Iterable[str] | None = None) -> dict[str, PhotoState]:
+        """path -> state for every known photo, or for those of ``paths`` (by the primary key: a
+        batch of the service does not read the whole table)."""
         sql = "select path, size, mtime, status from photos"
         if paths is None:
-            return {_py_text(r[0]): (r[1], r[2], r[3]) for r in self.db.execute(sql)}
+            return {_py_text(r[0]): PhotoState(*r[1:]) for r in self.db.execute(sql)}
         keys = [_db_text(str(p)) for p in paths]
         out = {}
         for start in range(0, len(keys), 500):
             chunk = keys[start : start + 500]
             rows = self.db.execute(f"{sql} where path in ({','.join('?' * len(chunk))})", chunk)
-            out.update({_py_text(r[0]): (r[1], r[2], r[3]) for r in rows})
+            out.update({_py_text(r[0]): PhotoState(*r[1:]) for r in rows})
         return out
 
     def known_sha(self, sha256: str) -> bool:
         return self.db.execute("select 1 from images where sha256=?", [sha256]).fetchone() is not None
 
-    def record_batch(
-        self,
-        encoded: Iterable[tuple[str, str, int, float, object]],
-        linked: Iterable[tuple[str, str, int, float]],
-        failed: Iterable[tuple[str, int, float, str]],
-    ) -> None:
-        """Commit one batch atomically.
-
-        ``encoded``: (path, sha256, size, mtime, PhotoResult) for newly encoded content;
-        ``linked``: (path, sha256, size, mtime) for paths whose content is already encoded;
-        ``failed``: (path, size, mtime, reason).
-        """
+    def record_encoded(self, photo: PhotoFile, sha256: str, result) -> None:
+        """A photo whose content (``sha256``) was just encoded (``result``: an encode.PhotoResult)."""
         now = time.time()
         with self.db.atomic():
-            for path, sha, size, mtime, result in encoded:
-                if not self.known_sha(sha):
-                    self.db["images"].insert(
-                        {
-                            "sha256": sha,
-                            "width": result.width,
-                            "height": result.height,
-                            "face_count": len(result.faces),
-                            "encoded_at": now,
-                        }
-                    )
-                    first = int(self.get_meta("next_face_id"))
-                    self.set_meta("next_face_id", str(first + len(result.faces)))
-                    self.db["faces"].insert_all(
-                        {
-                            "id": first + i,
-                            "sha256": sha,
-                            "idx": i,
-                            "top": f.top,
-                            "right": f.right,
-                            "bottom": f.bottom,
-                            "left": f.left,
-                            "size": f.size,
-                            "sharpness": f.sharpness,
-                            "encoding": np.asarray(f.encoding, dtype=np.float64).tobytes(),
-                            "doubtful": 0,
-                        }
-                        for i, f in enumerate(result.faces)
-                    )
-                self._put_photo(path, sha, size, mtime, "ok", None, now)
-            for path, sha, size, mtime in linked:
-                self._put_photo(path, sha, size, mtime, "ok", None, now)
-            for path, size, mtime, reason in failed:
-                self._put_photo(path, None, size, mtime, "failed", reason, now)
-            self._prune_orphans()  # content replaced at the same path
-            self._mark_dirty()
+            if not self.known_sha(sha256):
+                self._add_content(sha256, result, now)
+            self._put_photo(photo, sha256, "ok", None, now)
 
-    def _put_photo(self, path, sha, size, mtime, status, error, now) -> None:
+    def record_duplicate(self, photo: PhotoFile, sha256: str) -> None:
+        """A photo whose content is already stored under another path: it shares those faces."""
+        with self.db.atomic():
+            self._put_photo(photo, sha256, "ok", None, time.time())
+
+    def record_failure(self, photo: PhotoFile, reason: str) -> None:
+        """A photo that cannot be used; ``reason`` is shown by `status` (it is retried once per start)."""
+        with self.db.atomic():
+            self._put_photo(photo, None, "failed", reason, time.time())
+
+    def _add_content(self, sha: str, result, now: float) -> None:
+        self.db["images"].insert(
+            {"sha256": sha, "width": result.width, "height": result.height,
+             "face_count": len(result.faces), "encoded_at": now}
+        )
+        first = int(self.get_meta("next_face_id"))
+        self.set_meta("next_face_id", str(first + len(result.faces)))
+        self.db["faces"].insert_all(
+            {"id": first + i, "sha256": sha, "idx": i, "top": f.top, "right": f.right, "bottom": f.bottom,
+             "left": f.left, "size": f.size, "sharpness": f.sharpness, "doubtful": 0,
+             "encoding": np.asarray(f.encoding, dtype=np.float64).tobytes()}
+            for i, f in enumerate(result.faces)
+        )
+
+    def _put_photo(self, photo: PhotoFile, sha, status, error, now) -> None:
+        """Write a photo's row. Content the path held before goes (with its faces) when no other
+        path refers to it; the saved clustering no longer covers every face."""
+        row = self.db.execute("select sha256 from photos where path=?", [_db_text(photo.path)]).fetchone()
         self.db["photos"].upsert(
-            {
-                "path": _db_text(path),
-                "sha256": sha,
-                "size": size,
-                "mtime": mtime,
-                "status": status,
-                "error": None if error is None else printable(error),  # may quote an odd name
-                "updated_at": now,
-            },
+            {"path": _db_text(photo.path), "sha256": sha, "size": photo.size, "mtime": photo.mtime,
+             "status": status, "updated_at": now,
+             "error": None if error is None else printable(error)},  # may quote an odd name
             pk="path",
         )
+        if row and row[0] and row[0] != sha and not self.db.execute(
+                "select 1 from photos where sha256=?", [row[0]]).fetchone():
+            self.db.execute("delete from faces where sha256=?", [row[0]])
+            self.db.execute("delete from images where sha256=?", [row[0]])
+        self._mark_dirty()
 
     def remove_photos(self, paths: Iterable[str]) -> None:
         """Forget photos, and the content (with its faces) that no other path refers to."""
@@ -504,18 +425,21 @@ class Store:
         self.db.execute(f"delete from images where sha256 in ({orphan})")
 
     # ---- faces & clusters ----------------------------------------------------------------
-    def usable_encodings(self, min_size: int, min_sharpness: float, usable: bool = True, pending: bool = False):
-        """(face ids, sha256 per face, encodings float64 n x 128, sharpness, size) of the faces fit
-        for clustering (at least ``min_size`` pixels and ``min_sharpness``), or of the others;
-        ``pending``: only faces not clustered nor given a doubt reason yet (an indexed query)."""
-        cond = "size>=? and sharpness>=?" if usable else "not (size>=? and sharpness>=?)"
+    def usable_encodings(self, min_size: int, min_sharpness: float) -> FaceVectors:
+        """The faces fit for clustering: at least ``min_size`` pixels and ``min_sharpness``."""
+        rows = self.db.execute(
+            f"{_FACE_VECTORS} where size>=? and sharpness>=? order by id", [min_size, min_sharpness]
+        ).fetchall()
+        return FaceVectors.from_rows(rows)
+
+    def unusable_encodings(self, min_size: int, min_sharpness: float, pending: bool = False) -> FaceVectors:
+        """The faces too small or blurred to cluster; ``pending``: only those not given a doubt
+        reason yet (an indexed query: an update need not read every face)."""
+        cond = "not (size>=? and sharpness>=?)"
         if pending:
             cond = f"cluster_id is null and doubt_reason is null and {cond}"
-        rows = self.db.execute(
-            f"select id, sha256, encoding, sharpness, size from faces where {cond} order by id",
-            [min_size, min_sharpness],
-        ).fetchall()
-        return _face_arrays(rows)
+        rows = self.db.execute(f"{_FACE_VECTORS} where {cond} order by id", [min_size, min_sharpness]).fetchall()
+        return FaceVectors.from_rows(rows)
 
     def usable_ids(self, min_size: int, min_sharpness: float, after: int = 0) -> set[int]:
         """Ids of the faces fit for clustering (with an id above ``after``: a primary-key range,
@@ -533,19 +457,18 @@ class Store:
             self.db.execute("delete from removed_faces")
         return ids
 
-    def faces_by_id(self, ids: Iterable[int]):
-        """Like :meth:`usable_encodings`, for the given face ids."""
+    def faces_by_id(self, ids: Iterable[int]) -> FaceVectors:
+        """The given faces (those that exist), in id order."""
         ids = list(ids)
         rows = []
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             rows += self.db.execute(
-                "select id, sha256, encoding, sharpness, size from faces where id in"
-                f" ({','.join('?' * len(chunk))}) order by id",
+                f"{_FACE_VECTORS} where id in ({','.join('?' * len(chunk))}) order by id",
                 chunk,
             ).fetchall()
         rows.sort()
-        return _face_arrays(rows)
+        return FaceVectors.from_rows(rows)
 
     def faces(self) -> list[Face]:
         return self.faces_where("1=1 order by id", [])
@@ -555,9 +478,9 @@ class Store:
         return {r[0] for r in self.db.execute(
             "select id from faces where cluster_id is null and doubt_reason is null")}
 
-    def saved_assignments(self) -> dict[int, tuple[int | None, bool, str | None, int | None]]:
+    def saved_assignments(self) -> dict[int, FaceClustering]:
         return {
-            r[0]: (r[1], bool(r[2]), r[3], r[4])
+            r[0]: FaceClustering(r[1], bool(r[2]), r[3], r[4])
             for r in self.db.execute("select id, cluster_id, doubtful, doubt_reason, nearest_cluster from faces")
         }
 
@@ -567,16 +490,10 @@ class Store:
     def next_cluster_id(self) -> int:
         return int(self.db.execute("select value from meta where key='next_cluster_id'").fetchone()[0])
 
-    def save_clustering(
-        self,
-        assignments: dict[int, tuple[int | None, bool, str | None, int | None]],
-        clusters: dict[int, tuple[int, int]],
-        removed: Iterable[int],
-        next_cluster_id: int,
-        full: bool = False,
-        fingerprint: str = "dirty",
-    ) -> None:
-        """Write face -> (cluster, doubtful, reason, nearest) and cluster -> (size, representative).
+    def save_clustering(self, assignments: dict[int, FaceClustering], clusters: dict[int, tuple[int, int]],
+                        removed: Iterable[int], next_cluster_id: int, full: bool = False,
+                        fingerprint: str = "dirty") -> None:
+        """Write each face's clustering and cluster -> (size, representative face).
 
         ``removed`` clusters are deleted (``full``: every cluster not in ``clusters``); ids are
         never reused (the counter only grows) and names of surviving clusters are kept.
@@ -592,17 +509,11 @@ class Store:
                 self.db.execute("delete from clusters where id=?", [cid])
             for cid, (size, rep) in clusters.items():
                 if cid in existing:
-                    self.db.execute(
-                        "update clusters set size=?, representative_face=? where id=?", [size, rep, cid]
-                    )
+                    self.db.execute("update clusters set size=?, representative_face=? where id=?", [size, rep, cid])
                 else:
                     self.db["clusters"].insert({"id": cid, "name": None, "size": size, "representative_face": rep})
-            self.db.execute(
-                "update meta set value=? where key='next_cluster_id'", [str(next_cluster_id)]
-            )
-            self.db.execute(
-                "insert or replace into meta (key, value) values ('cluster_state', ?)", [fingerprint]
-            )
+            self.db.execute("update meta set value=? where key='next_cluster_id'", [str(next_cluster_id)])
+            self.db.execute("insert or replace into meta (key, value) values ('cluster_state', ?)", [fingerprint])
 
     def clusters(self) -> list[dict]:
         return list(self.db.query("select id, name, size, representative_face from clusters order by id"))
@@ -703,12 +614,10 @@ class Store:
         return {
             "photos": q("select count(*) from photos"),
             "photos_ok": q("select count(*) from photos where status='ok'"),
-            "photos_with_faces": q(
-                "select count(*) from photos p join images i on i.sha256=p.sha256 where i.face_count>0"
-            ),
-            "photos_without_faces": q(
-                "select count(*) from photos p join images i on i.sha256=p.sha256 where i.face_count=0"
-            ),
+            "photos_with_faces": q("select count(*) from photos p join images i on i.sha256=p.sha256"
+                                   " where i.face_count>0"),
+            "photos_without_faces": q("select count(*) from photos p join images i on i.sha256=p.sha256"
+                                      " where i.face_count=0"),
             "failed": q("select count(*) from photos where status='failed'"),
             "faces": q("select count(*) from faces"),
             # people with a folder: at least one confident face (a group that is all doubtful
@@ -882,12 +791,12 @@ class Store:
     def hidden_people(self) -> set[int]:
         return {r[0] for r in self.db.execute("select id from clusters where hidden=1")}
 
-    def auto_assignments(self) -> dict[int, tuple[int | None, bool, str | None, int | None]]:
+    def auto_assignments(self) -> dict[int, FaceClustering]:
         """The people layer's own decision for faces a correction overrode."""
-        return {r[0]: (r[1], bool(r[2]), r[3], r[4]) for r in self.db.execute(
+        return {r[0]: FaceClustering(r[1], bool(r[2]), r[3], r[4]) for r in self.db.execute(
             "select face, cluster_id, doubtful, doubt_reason, nearest_cluster from auto_assign")}
 
-    def raw_assignments(self) -> dict[int, tuple[int | None, bool, str | None, int | None]]:
+    def raw_assignments(self) -> dict[int, FaceClustering]:
         """Like :meth:`saved_assignments`, but the people layer's own decisions (before corrections)."""
         out = self.saved_assignments()
         out.update({f: a for f, a in self.auto_assignments().items() if f in out})

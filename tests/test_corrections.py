@@ -111,6 +111,7 @@ def test_name_assign_reject_from_the_cli_hold_after_recluster(lib):
     cid = blair.split("_")[1]
     cli(lib, "name", cid, "Tony Blair")
     assert layout(out)["Tony Blair"] == names("Tony_Blair") and blair not in layout(out)
+    named = layout(out)
     powell = person_folder(out, "Colin_Powell")
     # assign: an original's path; reject: a link in the person's folder
     cli(lib, "assign", str(lib.watch / "Colin_Powell" / "Colin_Powell_0001.jpg"), "Tony Blair")
@@ -132,6 +133,15 @@ def test_name_assign_reject_from_the_cli_hold_after_recluster(lib):
     assert st["corrections"] == 3 and st["named_clusters"] == 1
     people = json.loads(cli(lib, "people", "--json").stdout)
     assert {p["name"] for p in people} == {"Tony Blair", None}
+    # a new name makes a new person; undo takes back the split, the reject and the assign
+    cli(lib, "assign", str(out / powell / "Colin_Powell_0003.jpg"), "Colin Jr")
+    assert "Colin_Powell_0003.jpg" in layout(out)["Colin Jr"]
+    assert folders_of(out, "Colin_Powell_0003.jpg") - {"Colin Jr"} <= {"doubtful"}
+    for _ in range(3):
+        cli(lib, "undo")
+    assert layout(out) == named
+    cli(lib, "recluster")
+    assert layout(out) == named
 
 
 def test_merge_hide_unhide_and_undo_each_kind_from_the_cli(lib):

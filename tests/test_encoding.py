@@ -131,7 +131,7 @@ def test_reencoding_changes_nothing_when_no_photo_can_be_read(tmp_path):
 def test_interrupted_reencoding_resumes_where_it_stopped(tmp_path, monkeypatch):
     """Re-encoding a big store takes hours: it commits chunk by chunk, stops when asked (a
     service shutdown), and the next start carries on from the last chunk instead of redoing it."""
-    import organizer.pipeline as pipeline
+    import organizer.reencode as reencode
     from organizer.store import REENCODING
 
     watch, output = tmp_path / "photos", tmp_path / "sorted"
@@ -139,7 +139,7 @@ def test_interrupted_reencoding_resumes_where_it_stopped(tmp_path, monkeypatch):
         (watch / "x").mkdir(parents=True, exist_ok=True)
         shutil.copy(p, watch / "x" / p.name)
     before, _ = _scan(watch, output, {"mirror": False, "normalize": False})
-    monkeypatch.setattr(pipeline, "REENCODE_CHUNK", 2)
+    monkeypatch.setattr(reencode, "REENCODE_CHUNK", 2)
     settings = load_config(None, {"paths.watch": str(watch), "paths.output": str(output), "service.workers": 0})
     db = output / ".organizer" / "organizer.db"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from organizer.cluster import REFINE_SAMPLE, Neighbours, People, average_linkage_split, batch_labels, match_ids
+from organizer.cluster import REFINE_SAMPLE, FaceChanges, Neighbours, People, average_linkage_split, batch_labels, match_ids
 from organizer.config import ClusteringConfig
 from organizer.incremental_dbscan import IncrementalDBSCAN
 
@@ -47,9 +47,8 @@ class World:
         live = self.engine.clusters()
         res = self.people.derive(
             {lab: live[lab] for lab in upd.touched_labels if lab in live},
-            vec=self.engine.vector, photo=lambda f: f, quality=lambda f: 0.0,
-            within_many=self.engine.within_many, all_faces=set(self.vec), previous=dict(self.people.cid),
-            next_id=self.next_id, touched_faces=upd.changed_keys & set(self.vec), removed_faces=removed,
+            self.engine, photo=lambda f: f, quality=lambda f: 0.0, next_id=self.next_id,
+            changes=FaceChanges(upd.changed_keys & set(self.vec), removed),
         )
         self.next_id = res.next_id
         for f, a in res.assignments.items():
@@ -78,9 +77,8 @@ class World:
         people = People(self.cfg, self.refine)
         res = people.derive(
             {int(l): [k for k, ll in zip(keys, labels) if ll == l] for l in set(labels.tolist()) if l >= 0},
-            vec=lambda f: self.vec[f], photo=lambda f: f, quality=lambda f: 0.0,
-            within_many=Neighbours(np.array(keys), enc).within_many, all_faces=keys,
-            previous=dict(self.people.cid), next_id=self.next_id,
+            Neighbours(np.array(keys), enc), photo=lambda f: f, quality=lambda f: 0.0,
+            next_id=self.next_id, previous=dict(self.people.cid),
         )
         return {f: (a.cluster_id, a.doubtful, a.nearest_cluster) for f, a in res.assignments.items()}
 
@@ -274,7 +272,7 @@ def test_saved_nearest_faces_are_reused_only_when_they_fit():
 
     def fresh(near_state):
         p = People(w.cfg)
-        reused = p.load(saved, saved, w.engine.vector, w.engine.within_many, near=near_state)
+        reused = p.load(saved, saved, w.engine, near=near_state)
         return reused, p
 
     recomputed = fresh(None)[1]

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from organizer.encode import FaceRecord, PhotoResult
-from organizer.store import Store
+from organizer.store import PhotoFile, Store
 
 
 def _photo(path: str, n: int, seed: int) -> PhotoResult:
@@ -20,15 +20,15 @@ def test_face_ids_are_never_reused(tmp_path):
     """SQLite reuses the largest rowid after a delete; the engine would then take a new face for
     an old, unchanged one (seen: a folder emptied and refilled was never sorted)."""
     with Store.open(tmp_path / "o.db") as store:
-        store.record_batch([("/p/a.jpg", "a" * 64, 1, 1.0, _photo("/p/a.jpg", 2, 1))], [], [])
+        store.record_encoded(PhotoFile("/p/a.jpg", 1, 1.0), "a" * 64, _photo("/p/a.jpg", 2, 1))
         first = {f.id for f in store.faces()}
         store.remove_photos(["/p/a.jpg"])
         assert not store.faces()
-        store.record_batch([("/p/b.jpg", "b" * 64, 1, 1.0, _photo("/p/b.jpg", 3, 2))], [], [])
+        store.record_encoded(PhotoFile("/p/b.jpg", 1, 1.0), "b" * 64, _photo("/p/b.jpg", 3, 2))
         second = {f.id for f in store.faces()}
     assert len(first) == 2 and len(second) == 3 and not first & second
     with Store.open(tmp_path / "o.db") as store:  # the counter survives a restart
-        store.record_batch([("/p/c.jpg", "c" * 64, 1, 1.0, _photo("/p/c.jpg", 1, 3))], [], [])
+        store.record_encoded(PhotoFile("/p/c.jpg", 1, 1.0), "c" * 64, _photo("/p/c.jpg", 1, 3))
         third = {f.id for f in store.faces()} - second
     assert len(third) == 1 and min(third) > max(second)
 
@@ -37,8 +37,8 @@ def test_deleted_faces_are_logged_for_the_clustering(tmp_path):
     """The clustering learns of deleted faces from a log a trigger fills (no comparison of every
     face id per update): deletions by the store and by hand (sqlite3) alike; each is told once."""
     with Store.open(tmp_path / "o.db") as store:
-        store.record_batch([("/p/a.jpg", "a" * 64, 1, 1.0, _photo("/p/a.jpg", 2, 1)),
-                            ("/p/b.jpg", "b" * 64, 1, 1.0, _photo("/p/b.jpg", 2, 2))], [], [])
+        store.record_encoded(PhotoFile("/p/a.jpg", 1, 1.0), "a" * 64, _photo("/p/a.jpg", 2, 1))
+        store.record_encoded(PhotoFile("/p/b.jpg", 1, 1.0), "b" * 64, _photo("/p/b.jpg", 2, 2))
         ids = {f.sha256[0]: set() for f in store.faces()}
         for f in store.faces():
             ids[f.sha256[0]].add(f.id)
@@ -61,7 +61,8 @@ def test_paths_round_trip_and_are_looked_up_by_key(tmp_path):
     odd = os.fsdecode(b"/p/caf\xe9.jpg")
     paths = ["/p/a.jpg", odd, "/p/x|y.jpg", "/p/é.jpg"]
     with Store.open(tmp_path / "o.db") as store:
-        store.record_batch([], [], [(p, i + 1, float(i), f"reason {i}") for i, p in enumerate(paths)])
+        for i, p in enumerate(paths):
+            store.record_failure(PhotoFile(p, i + 1, float(i)), f"reason {i}")
         every = store.photo_states()
         assert set(every) == set(paths)
         assert store.photo_states([odd, "/p/a.jpg", "/p/missing.jpg"]) == {p: every[p] for p in (odd, "/p/a.jpg")}
