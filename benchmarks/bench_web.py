@@ -46,7 +46,7 @@ def build(n: int, work: Path):
     """A store of ``n`` photos; returns (settings, id of the biggest person)."""
     from organizer.config import load_config
     from organizer.encode import FaceRecord, PhotoResult
-    from organizer.store import Store
+    from organizer.store import PhotoFile, Store
 
     src = work / "photos"
     src.mkdir()
@@ -69,9 +69,11 @@ def build(n: int, work: Path):
             os.link(p.parent / "face.jpg", p)
             enc = centres[who[i]] + rng.normal(scale=0.3, size=128)
             face = FaceRecord(**box, encoding=enc / np.linalg.norm(enc), sharpness=100.0)
-            batch.append((str(p), f"{i:064x}", 1000, 0.0, PhotoResult(p, w, h, [face])))
+            batch.append((PhotoFile(str(p), 1000, 0.0), f"{i:064x}", PhotoResult(p, w, h, [face])))
             if len(batch) == 2000 or i == n - 1:
-                store.record_batch(batch, [], [])
+                with store.db.atomic():  # one commit per 2000 photos (the set-up is not measured)
+                    for photo, sha, result in batch:
+                        store.record_encoded(photo, sha, result)
                 batch = []
         ids = [f for (f,) in store.db.execute("select id from faces order by id")]
         assignments, members = {}, {}

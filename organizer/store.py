@@ -693,11 +693,9 @@ class Store:
 
     def person_encodings(self, cluster_id: int):
         """(face ids, encodings n x 128) of the person's confident faces, by id."""
-        rows = self.db.execute(
-            "select id, sha256, encoding, sharpness, size from faces where cluster_id = ? and doubtful = 0"
-            " order by id", [cluster_id]).fetchall()
-        ids, _shas, enc, _sharp, _size = _face_arrays(rows)
-        return ids, enc
+        faces = FaceVectors.from_rows(self.db.execute(
+            f"{_FACE_VECTORS} where cluster_id = ? and doubtful = 0 order by id", [cluster_id]).fetchall())
+        return faces.ids, faces.encodings
 
     def doubtful_count(self) -> int:
         """Doubtful faces in the tree's doubtful/ (not those of hidden people)."""
