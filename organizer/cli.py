@@ -108,11 +108,37 @@ def cli():
     """Sort a photo library into one folder per person."""
 
 
+def web_options(fn):
+    fn = click.option("--port", type=click.IntRange(0, 65535),
+                      help="Port of the review page (default 8765, web.port; 0 = any free port).")(fn)
+    return click.option("--host", help="Address of the review page (default 127.0.0.1, web.host: this "
+                        "machine only; another one prints a warning).")(fn)
+
+
+def _web_server(settings: Settings, host: str | None, port: int | None, foreground: bool = False):
+    """The review page's server, bound; prints its address (with the token) as Jupyter does."""
+    from .web.server import WebError, WebServer
+
+    try:
+        server = WebServer(settings, host, port)
+    except WebError as exc:
+        raise click.ClickException(str(exc)) from None
+    if foreground:
+        server.catch_signals()
+    if server.warning:
+        click.echo(server.warning, err=True)
+    click.echo(f"review page: {server.url}")
+    sys.stdout.flush()
+    return server
+
+
 @cli.command()
 @common_options
 @executor_options
 @click.option("--polling", is_flag=True, default=None, help="Poll the folder instead of kernel events (network shares).")
-def run(settings: Settings, polling):
+@click.option("--web", "with_web", is_flag=True, help="Also serve the review page (see `organizer web`).")
+@web_options
+def run(settings: Settings, polling, with_web: bool, host: str | None, port: int | None):
     """Run the service: watch the folder and keep the person folders up to date."""
     from .service import Service
 
@@ -120,7 +146,25 @@ def run(settings: Settings, polling):
     _check_layout(settings)
     if polling:
         settings.service.polling = True
-    sys.exit(Service(settings).run())
+    server = _web_server(settings, host, port) if with_web else None
+    # the page is served from a thread of this process once the service holds the store (so the
+    # page never takes the writer's lock); its changes reach the service through the store
+    try:
+        code = Service(settings, on_ready=server.start if server else None).run()
+    finally:
+        if server is not None:
+            server.stop()
+    sys.exit(code)
+
+
+@cli.command()
+@common_options
+@web_options
+def web(settings: Settings, host: str | None, port: int | None):
+    """Serve the review page: people, their faces and the doubtful ones, in the browser."""
+    _require(settings, "output")
+    Store.open_for_edit(settings.db_path).close()  # there must be a store (upgraded when no service runs)
+    _web_server(settings, host, port, foreground=True).serve()
 
 
 @cli.command()

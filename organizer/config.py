@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 
 class ConfigError(Exception):
@@ -76,11 +76,19 @@ class ServiceConfig(_Section):
     )
 
 
+class WebConfig(_Section):
+    host: str = Field("127.0.0.1", description="address the review page listens on (another one is reachable from the network)")
+    port: int = Field(8765, ge=0, le=65535)
+    # a SecretStr: `organizer config check` and logs show it as stars
+    password: SecretStr | None = Field(None, min_length=8, description="guard the page with this password instead of a random token")
+
+
 class Settings(_Section):
     paths: PathsConfig = PathsConfig()
     detection: DetectionConfig = DetectionConfig()
     clustering: ClusteringConfig = ClusteringConfig()
     service: ServiceConfig = ServiceConfig()
+    web: WebConfig = WebConfig()
 
     @model_validator(mode="after")
     def _paths_apart(self) -> "Settings":

@@ -21,6 +21,7 @@ import os
 import signal
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import Settings
@@ -55,8 +56,9 @@ class _Notifier:
 
 
 class Service:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, on_ready: Callable[[], None] | None = None):
         self.settings = settings
+        self.on_ready = on_ready  # called once the store is held (`run --web` then serves its page)
         self.stop_requested = False
         self.notify = _Notifier()
 
@@ -105,6 +107,8 @@ class Service:
             log.info("watching %s (%s), output in %s, store %s", watch,
                      "polling" if s.service.polling else "events", org.output, s.db_path)
             self.notify("READY=1")
+            if self.on_ready is not None:
+                self.on_ready()
             self._rescan(org, settler)
             last_rescan = time.monotonic()
             data_version = store.data_version()
