@@ -28,7 +28,7 @@ from pathlib import Path
 from PIL import Image
 
 from . import montage
-from .ingest import IngestError, open_upright
+from .ingest import IngestError, upright_crop
 from .store import OUTPUT_ERRORS, Store
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,8 @@ def desired_tree(store: Store, manifest: dict[str, tuple[str, str]]) -> dict[str
     kind "link": source is the original photo's path; kind "crop": source is
     "<face id>|<photo path>|<top>,<right>,<bottom>,<left>"; kind "montage": see organizer.montage.
     """
-    clusters = {c["id"]: c for c in store.clusters()}
+    hidden = store.hidden_people()  # hidden by the user: no folder, their faces go nowhere
+    clusters = {c["id"]: c for c in store.clusters() if c["id"] not in hidden}
     folder = {cid: folder_name(cid, c["name"]) for cid, c in clusters.items()}
     faces = {f.id: f for f in store.faces()}
     wanted: dict[str, dict[str, None]] = defaultdict(dict)  # folder -> photo paths (ordered, unique)
@@ -125,7 +126,7 @@ def desired_tree(store: Store, manifest: dict[str, tuple[str, str]]) -> dict[str
         path_of.setdefault(face_id, path)
         if f.cluster_id is not None and not f.doubtful and f.cluster_id in folder:
             target = folder[f.cluster_id]
-        elif f.doubtful:
+        elif f.doubtful and f.cluster_id not in hidden:
             target = DOUBTFUL
             doubtful_faces.setdefault(face_id, path)
         else:
@@ -211,14 +212,11 @@ def _is_ours(dst: Path, ident: str | None) -> bool:
 
 
 def face_crop(path: Path, box: tuple[int, int, int, int], max_pixels: int, size: int = CROP_SIZE) -> Image.Image:
-    """The face at ``box`` (top, right, bottom, left) with a margin, at most ``size`` pixels."""
+    """The face at ``box`` (top, right, bottom, left) with a margin, at most ``size`` pixels
+    (decoded only at the resolution it needs)."""
     top, right, bottom, left = box
-    im = open_upright(Path(path), max_pixels)
-    h, w = bottom - top, right - left
-    m = int(max(h, w) * CROP_MARGIN)
-    crop = im.crop((max(0, left - m), max(0, top - m), min(im.width, right + m), min(im.height, bottom + m)))
-    crop.thumbnail((size, size), Image.Resampling.LANCZOS)
-    return crop
+    m = int(max(bottom - top, right - left) * CROP_MARGIN)
+    return upright_crop(Path(path), (left - m, top - m, right + m, bottom + m), size, max_pixels)
 
 
 def _write_crop(source: str, dst: Path, max_pixels: int, kind: str = "crop") -> None:
