@@ -25,8 +25,8 @@ class WebLibrary:
     originals: dict[str, str]
 
     def folders(self) -> dict[str, set[str]]:
-        """Person folder -> names of the photos in it (representative.jpg left out)."""
-        return {d.name: {e.name for e in d.iterdir() if e.name != "representative.jpg"}
+        """Person folder -> names of the photos in it (representative.jpg and montage.jpg left out)."""
+        return {d.name: {e.name for e in d.iterdir() if e.name not in ("representative.jpg", "montage.jpg")}
                 for d in self.output.iterdir() if d.is_dir() and not d.name.startswith(".")
                 and d.name != "doubtful"}
 
