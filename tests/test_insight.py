@@ -163,11 +163,22 @@ def _photo_groups(output: Path) -> set[frozenset]:
     return {frozenset(g) for g in groups.values()}
 
 
+def _copy_store(dev_library, tmp: Path) -> Path:
+    """The session scan's store, for a new output tree: its manifest (of the session's tree) is
+    emptied, or the entries missing from the new tree would read as the user's deletions."""
+    db = tmp / "organizer.db"
+    shutil.copy(dev_library.db, db)
+    with Store.open(db) as store:
+        manifest, _ = store.manifest()
+        for relpath in manifest:
+            store.manifest_remove(relpath)
+    return db
+
+
 def test_scan_with_another_algorithm_then_back_to_dbscan(dev_library, tmp_path):
     """scan --algorithm hdbscan sorts by HDBSCAN's partition; the next plain scan (as the service
     at its start) is back to DBSCAN's folders, nothing encoded again."""
-    db = tmp_path / "organizer.db"
-    shutil.copy(dev_library.db, db)
+    db = _copy_store(dev_library, tmp_path)
     out = tmp_path / "out"
     common = ["--watch", str(dev_library.watch), "--output", str(out), "--db", str(db)]
     proc = run_organizer("scan", *common, "--algorithm", "hdbscan")
@@ -336,8 +347,7 @@ def test_every_folder_has_a_montage_of_its_most_central_faces(dev_library):
 
 
 def test_montage_is_made_again_when_its_folder_changes(dev_library, tmp_path):
-    db = tmp_path / "organizer.db"
-    shutil.copy(dev_library.db, db)
+    db = _copy_store(dev_library, tmp_path)
     out = tmp_path / "out"
     settings = load_config(None, {"paths.watch": str(dev_library.watch), "paths.output": str(out), "paths.db": str(db)})
     with Store.open(db) as store:
