@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 
 class ConfigError(Exception):
@@ -43,6 +43,8 @@ class DetectionConfig(_Section):
     min_sharpness: float = Field(0.0, ge=0)
     num_jitters: int = Field(1, ge=1, le=100)
     landmarks: Literal["large", "small"] = "large"
+    coarse_side: int = Field(800, ge=0, le=20000, description="coarse search frame (HOG, upsample 0); 0 = off")
+    fine_below: int = Field(0, ge=0, description="the full search also runs when the coarse one finds a face smaller than this")
     mirror: bool = Field(True, description="encode each face and its mirror image and average the two")
     normalize: bool = Field(True, description="scale encodings to unit length (clustering distances assume it)")
     fallback_margin: float = Field(
@@ -64,6 +66,8 @@ class ServiceConfig(_Section):
     batch_size: int = Field(32, ge=1)
     link_mode: Literal["hardlink", "symlink", "copy"] = "hardlink"
     workers: int = Field(0, ge=0, description="encoder processes; 0 = one per CPU core")
+    executor: Literal["local", "dask"] = Field("local", description="where photos are encoded: local processes, or dask")
+    scheduler: str | None = Field(None, description="dask scheduler address (tcp://host:8786); none = a local cluster")
     polling: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     max_forget_share: float = Field(
@@ -72,11 +76,19 @@ class ServiceConfig(_Section):
     )
 
 
+class WebConfig(_Section):
+    host: str = Field("127.0.0.1", description="address the review page listens on (another one is reachable from the network)")
+    port: int = Field(8765, ge=0, le=65535)
+    # a SecretStr: `organizer config check` and logs show it as stars
+    password: SecretStr | None = Field(None, min_length=8, description="guard the page with this password instead of a random token")
+
+
 class Settings(_Section):
     paths: PathsConfig = PathsConfig()
     detection: DetectionConfig = DetectionConfig()
     clustering: ClusteringConfig = ClusteringConfig()
     service: ServiceConfig = ServiceConfig()
+    web: WebConfig = WebConfig()
 
     @model_validator(mode="after")
     def _paths_apart(self) -> "Settings":
@@ -102,6 +114,8 @@ class Settings(_Section):
             upsample=d.upsample,
             max_side=d.max_side,
             max_pixels=d.max_pixels,
+            coarse_side=d.coarse_side,
+            fine_below=d.fine_below,
             num_jitters=d.num_jitters,
             landmarks=d.landmarks,
             fallback_margin=d.fallback_margin,

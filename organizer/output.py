@@ -5,6 +5,7 @@ Layout::
     <output>/cluster_<id>/ or <output>/<name>/   links to the person's photos + representative.jpg
     <output>/doubtful/                           photos with a face it could not place
     <output>/doubtful/faces/                     one crop per doubtful face, named after its nearest person
+    <output>/<person or doubtful>/montage.jpg    a contact sheet of the folder's faces (organizer.montage)
 
 The organizer keeps a manifest (in the store) of every entry it created, and only ever creates,
 replaces or deletes entries in that manifest: files people add to the tree are left alone.
@@ -26,7 +27,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from .ingest import IngestError, open_upright
+from . import montage
+from .ingest import IngestError, upright_crop
 from .store import OUTPUT_ERRORS, Store
 
 log = logging.getLogger(__name__)
@@ -107,21 +109,24 @@ def desired_tree(store: Store, manifest: dict[str, tuple[str, str]]) -> dict[str
     what it holds, whose names are kept).
 
     kind "link": source is the original photo's path; kind "crop": source is
-    "<face id>|<photo path>|<top>,<right>,<bottom>,<left>".
+    "<face id>|<photo path>|<top>,<right>,<bottom>,<left>"; kind "montage": see organizer.montage.
     """
-    clusters = {c["id"]: c for c in store.clusters()}
+    hidden = store.hidden_people()  # hidden by the user: no folder, their faces go nowhere
+    clusters = {c["id"]: c for c in store.clusters() if c["id"] not in hidden}
     folder = {cid: folder_name(cid, c["name"]) for cid, c in clusters.items()}
     faces = {f.id: f for f in store.faces()}
     wanted: dict[str, dict[str, None]] = defaultdict(dict)  # folder -> photo paths (ordered, unique)
     doubtful_faces: dict[int, str] = {}  # face id -> its photo's first name
+    path_of: dict[int, str] = {}  # face -> the first path of its photo (for montages)
     # identical files (one content, several names) get one link per folder, under the first name
     # in path order (the name the representative crop is made from too)
     linked: set[tuple[str, str]] = set()  # (folder, sha256)
     for path, face_id, sha in store.photos_of_faces():
         f = faces[face_id]
+        path_of.setdefault(face_id, path)
         if f.cluster_id is not None and not f.doubtful and f.cluster_id in folder:
             target = folder[f.cluster_id]
-        elif f.doubtful:
+        elif f.doubtful and f.cluster_id not in hidden:
             target = DOUBTFUL
             doubtful_faces.setdefault(face_id, path)
         else:
@@ -138,7 +143,7 @@ def desired_tree(store: Store, manifest: dict[str, tuple[str, str]]) -> dict[str
             folder_of, _, name = relpath.rpartition("/")
             previous[(folder_of, source)] = name
     for dirname, paths in wanted.items():
-        taken = {REPRESENTATIVE}
+        taken = {REPRESENTATIVE, montage.MONTAGE}
         if dirname == DOUBTFUL:
             taken.add("faces")
         assigned: dict[str, str] = {}
@@ -161,6 +166,7 @@ def desired_tree(store: Store, manifest: dict[str, tuple[str, str]]) -> dict[str
         if rep and path and wanted.get(folder[cid]):  # no folder for a group with no confident photo
             tree[f"{folder[cid]}/{REPRESENTATIVE}"] = ("crop", _crop_source(rep, path))
 
+    tree.update(montage.entries(store, faces, folder, path_of, {d for d, p in wanted.items() if p}, DOUBTFUL))
     crop_taken: set[str] = set()
     for face_id, path in doubtful_faces.items():
         f = faces[face_id]
@@ -188,7 +194,7 @@ def _ident(dst: Path) -> str:
 def _adoptable(dst: Path, kind: str, source: str) -> bool:
     """An entry we intended but whose creation was not confirmed (crash): is it what we made?"""
     try:
-        if kind == "crop":
+        if kind in ("crop", montage.KIND):
             return dst.is_file() and not dst.is_symlink()
         if dst.is_symlink():
             return os.readlink(dst) == source
@@ -205,15 +211,21 @@ def _is_ours(dst: Path, ident: str | None) -> bool:
         return False
 
 
-def _write_crop(source: str, dst: Path, max_pixels: int) -> None:
-    # "<face id>|<path>|<box>": the path itself may hold "|"
-    path, box = source.split("|", 1)[1].rsplit("|", 1)
-    top, right, bottom, left = (int(v) for v in box.split(","))
-    im = open_upright(Path(path), max_pixels)
-    h, w = bottom - top, right - left
-    m = int(max(h, w) * CROP_MARGIN)
-    crop = im.crop((max(0, left - m), max(0, top - m), min(im.width, right + m), min(im.height, bottom + m)))
-    crop.thumbnail((CROP_SIZE, CROP_SIZE), Image.Resampling.LANCZOS)
+def face_crop(path: Path, box: tuple[int, int, int, int], max_pixels: int, size: int = CROP_SIZE) -> Image.Image:
+    """The face at ``box`` (top, right, bottom, left) with a margin, at most ``size`` pixels
+    (decoded only at the resolution it needs)."""
+    top, right, bottom, left = box
+    m = int(max(bottom - top, right - left) * CROP_MARGIN)
+    return upright_crop(Path(path), (left - m, top - m, right + m, bottom + m), size, max_pixels)
+
+
+def _write_crop(source: str, dst: Path, max_pixels: int, kind: str = "crop") -> None:
+    if kind == montage.KIND:
+        crop = montage.render(source, max_pixels)
+    else:
+        # "<face id>|<path>|<box>": the path itself may hold "|"
+        path, box = source.split("|", 1)[1].rsplit("|", 1)
+        crop = face_crop(Path(path), tuple(int(v) for v in box.split(",")), max_pixels)
     tmp = dst.with_name(f".{dst.name}.tmp")
     try:
         crop.save(tmp, "JPEG", quality=90)
@@ -349,7 +361,7 @@ def reconcile(store: Store, output: Path, link_mode: str = "hardlink", max_pixel
             if kind == "link":
                 _place_link(source, dst, link_mode)
             else:
-                _write_crop(source, dst, max_pixels)
+                _write_crop(source, dst, max_pixels, kind)
             store.manifest_set_ident(relpath, _ident(dst))
             report.created += 1
         except FileNotFoundError:

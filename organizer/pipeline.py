@@ -15,7 +15,8 @@ from pathlib import Path
 
 from .clustering import Clustering
 from .config import Settings
-from .encode import EncoderPool, encoder_id
+from .encode import encoder_id
+from .executors import make_encoder
 from .ingest import IngestError, check_readable, discover, sha256_file
 from .layout import Layout, WatchState
 from .output import FolderEvents, reconcile
@@ -34,6 +35,11 @@ def growing_grace(settle_seconds: float) -> float:
     copied (and retried) rather than recorded as broken."""
     return max(60.0, 20 * settle_seconds)
 
+# Inside a batch the folders are updated as photos finish, at most every this many seconds and
+# every PARTIAL_REFRESH_SHARE times the last update's cost: the writer spends at most ~1/5 of its
+# time on them, so it never holds the encoders back, however large the tree.
+PARTIAL_REFRESH_SECONDS = 1.0
+PARTIAL_REFRESH_SHARE = 4.0
 
 Progress = Callable[[int, int], None]  # (done, total)
 
@@ -78,7 +84,8 @@ class Organizer:
         self.watch = Path(os.path.abspath(settings.paths.watch)) if settings.paths.watch else None
         self.output = Path(os.path.abspath(settings.paths.output))
         n = settings.service.workers if workers is None else workers
-        self.encoder = EncoderPool(settings.detection_settings(), n or (os.cpu_count() or 1))
+        sv = settings.service
+        self.encoder = make_encoder(settings.detection_settings(), n or (os.cpu_count() or 1), sv.executor, sv.scheduler)
         self._retry_failed = True  # failed files are retried once per start-up
         self.clustering = Clustering(store, settings, encoder_id(self.encoder.settings))
         self.encodings = EncodingUpgrade(store, self.encoder, self.watch, on_done=self.clustering.discard_state)
@@ -88,6 +95,7 @@ class Organizer:
         self._witnessed: set[str] = set()  # paths the watcher saw go while the folder was unavailable
         self._folder_events = FolderEvents(store)
         self._folder_events.update()  # the baseline: what the tree holds at the start
+        self._refreshed_at, self._refresh_cost = time.monotonic(), 0.0  # see PARTIAL_REFRESH_SECONDS
 
     def close(self) -> None:
         self.clustering.save()
@@ -228,6 +236,8 @@ class Organizer:
             if stop():
                 break
             batch = todo[start : start + batch_size]
+            # the next batch too: the workers encode it while this one is committed and the tree updated
+            self.encoder.prefetch(todo[start : start + 2 * batch_size])
             self._process_batch(batch, report, tick, stop, settle_seconds)
             self.refresh(verify=False)  # a scan verifies the whole tree once at its end
         if done[0] < total:
@@ -276,6 +286,9 @@ class Organizer:
                     # the photos being encoded right now are dropped with the pool's queue (closing
                     # the generator cancels what has not started); all of them are retried next time
                     return
+                since = time.monotonic() - self._refreshed_at
+                if since >= max(PARTIAL_REFRESH_SECONDS, PARTIAL_REFRESH_SHARE * self._refresh_cost):
+                    self.refresh(verify=False)  # folders update as photos finish, not only per batch
         finally:
             results.close()
         for path in later:
@@ -341,19 +354,43 @@ class Organizer:
         False if ``stop()`` interrupted it."""
         return self.encodings.run(stop)
 
-    def recluster(self) -> None:
-        """Batch DBSCAN over every usable face, people derived from scratch (ids stay stable)."""
+    def recluster(self, algorithm: str = "dbscan") -> None:
+        """Batch DBSCAN over every usable face, people derived from scratch (ids stay stable);
+        ``algorithm``: another batch method, for comparison (see :meth:`Clustering.recluster`)."""
         self.upgrade_encodings()
-        self.clustering.recluster()
+        self.clustering.recluster(algorithm)
 
     def refresh(self, verify: bool = True) -> None:
         """Update clusters (incrementally) and reconcile the output tree with the store
         (``verify``: check every entry on disk too, see :func:`organizer.output.reconcile`)."""
+        t0 = time.monotonic()
         self.upgrade_encodings()  # before any clustering: distances compare like with like
         self.clustering.update()
         self.reconcile(verify)
+        self._refreshed_at = time.monotonic()
+        self._refresh_cost = self._refreshed_at - t0
 
-    def reconcile(self, verify: bool = True):
+    def apply_corrections(self) -> bool:
+        """Apply corrections recorded since the last update (see :meth:`Clustering.apply_corrections`)."""
+        self.upgrade_encodings()
+        return self.clustering.apply_corrections()
+
+    def read_tree_edits(self, tops=None, apply: bool = True) -> bool:
+        """Record what the user changed in the person folders (all of them, or the ``tops``
+        top-level folders) as corrections and apply them (unless not ``apply``: a recluster
+        follows); before any tree update, which would otherwise put moved links back. True if a
+        correction was made."""
+        from .tree_edits import TreeEdits
+
+        report = TreeEdits(self.store, self.output).interpret(tops)
+        if report.corrections and apply:
+            self.apply_corrections()
+        return bool(report.corrections)
+
+    def reconcile(self, verify: bool = True, tops=()):
+        """Update the tree; the user's changes in it are read first (``verify``: in every folder,
+        otherwise in the ``tops`` folders the service saw change)."""
+        self.read_tree_edits(None if verify else tops)
         s = self.settings
         self.last_tree = reconcile(self.store, self.output, s.service.link_mode, s.detection.max_pixels, verify,
                                    logged=self._tree_logged)

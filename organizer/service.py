@@ -21,6 +21,7 @@ import os
 import signal
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import Settings
@@ -35,6 +36,8 @@ from .watch import Settler, Watcher
 log = logging.getLogger(__name__)
 
 TICK = 0.5  # seconds between checks of the event queue
+TREE_QUIET = 1.0  # seconds without changes in the person folders before they are read (a folder
+# deleted file by file, or many links moved, is read as one change, not as its first steps)
 
 
 class _Notifier:
@@ -53,8 +56,9 @@ class _Notifier:
 
 
 class Service:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, on_ready: Callable[[], None] | None = None):
         self.settings = settings
+        self.on_ready = on_ready  # called once the store is held (`run --web` then serves its page)
         self.stop_requested = False
         self.notify = _Notifier()
 
@@ -80,9 +84,11 @@ class Service:
             log.error("%s", exc)
             return 1
         watcher = None
+        tree = None
         org = None
         try:
             org = Organizer(s, store)
+            org.encoder.start()  # workers ready before the first photo arrives (a drop is seen in seconds)
             watch = layout.watch
             if layout.watch_state(False) is WatchState.MISSING and not store.has_photos():
                 # a first start (README: `organizer run --watch ~/Pictures/inbox ...`): make the inbox
@@ -95,9 +101,14 @@ class Service:
             settler = Settler(s.service.settle_seconds)
             self._paused = False
             watcher = self._start_watcher(org)
+            tree = self._start_tree_watcher(org)  # the user's corrections in the folders
+            tree_tops: set[str] = set()
+            tree_seen = 0.0
             log.info("watching %s (%s), output in %s, store %s", watch,
                      "polling" if s.service.polling else "events", org.output, s.db_path)
             self.notify("READY=1")
+            if self.on_ready is not None:
+                self.on_ready()
             self._rescan(org, settler)
             last_rescan = time.monotonic()
             data_version = store.data_version()
@@ -106,6 +117,13 @@ class Service:
                 if watcher is not None:
                     for path in watcher.drain():
                         self._enqueue(path, org, settler)
+                tops = self._tree_tops(org, tree.drain()) if tree is not None else set()
+                if tops:
+                    tree_tops |= tops
+                    tree_seen = time.monotonic()
+                elif tree_tops and time.monotonic() - tree_seen >= TREE_QUIET:
+                    org.reconcile(verify=False, tops=tree_tops)  # reads the user's changes first
+                    tree_tops = set()
                 settled, gone = settler.ready()
                 if gone:
                     # (not while the whole folder is gone, e.g. moved away or unmounted: the rescan
@@ -144,6 +162,7 @@ class Service:
                 dv = store.data_version()
                 if dv != data_version:  # another process changed the store (e.g. `organizer name`)
                     data_version = dv
+                    org.apply_corrections()  # e.g. `organizer assign`
                     org.reconcile(verify=False)
             self.notify("STOPPING=1")
             log.info("stopped cleanly")
@@ -155,9 +174,26 @@ class Service:
         finally:
             if watcher is not None:
                 watcher.stop()
+            if tree is not None:
+                tree.stop()
             if org is not None:
                 org.close()
             store.close()
+
+    def _start_tree_watcher(self, org: Organizer) -> Watcher | None:
+        """A started watcher on the output tree (the user's corrections), or None if the tree
+        cannot be made or watched now (its errors are reported by the tree updates; corrections
+        are then read at the next start or rescan)."""
+        tree = Watcher(org.output, polling=self.settings.service.polling)
+        try:
+            org.output.mkdir(parents=True, exist_ok=True)
+            tree.start()
+        except OSError as exc:
+            log.error("cannot watch the output folder %s: %s; changes you make there are read at the next "
+                      "rescan", org.output, exc.strerror or exc)
+            tree.stop()
+            return None
+        return tree
 
     def _start_watcher(self, org: Organizer) -> Watcher | None:
         """A started watcher on the watched folder, or None while it is not there (the folder can
@@ -180,6 +216,19 @@ class Service:
                 settler.add(path)
         elif org.layout.is_input(p, is_dir=os.path.isdir(p) and not os.path.islink(p)):
             settler.add(path)
+
+    @staticmethod
+    def _tree_tops(org: Organizer, paths: set[str]) -> set[str]:
+        """The top-level folders of the output tree that changed (the store's own folder aside)."""
+        tops = set()
+        for path in paths:
+            try:
+                rel = Path(path).relative_to(org.output)
+            except ValueError:
+                continue
+            if rel.parts and not rel.parts[0].startswith("."):
+                tops.add(rel.parts[0])
+        return tops
 
     def _watch_available(self, org: Organizer) -> bool:
         """Is the watched folder there (:meth:`Layout.watch_state`)? If not, rescans pause until it
