@@ -91,7 +91,7 @@ class Organizer:
         self.encodings = EncodingUpgrade(store, self.encoder, self.watch, on_done=self.clustering.discard_state)
         self.layout = Layout(self.watch, self.output, Path(os.path.abspath(store.path)))
         self.last_tree = None  # the last ReconcileReport
-        self._tree_logged: set[str] = set()  # output errors already logged in this update
+        self._tree_logged: set[str] = set()  # output errors logged since the last scan began
         self._witnessed: set[str] = set()  # paths the watcher saw go while the folder was unavailable
         self._folder_events = FolderEvents(store)
         self._folder_events.update()  # the baseline: what the tree holds at the start
