@@ -660,6 +660,43 @@ class Store:
     def set_meta(self, key: str, value) -> None:
         self.db["meta"].upsert({"key": key, "value": json.dumps(value) if not isinstance(value, str) else value}, pk="key")
 
+    # ---- what the user sees (status, doubtful) --------------------------------------------
+    def duplicate_count(self) -> int:
+        """Photos whose content is also stored under another (earlier) name: identical files."""
+        return self.db.execute(
+            "select count(*) - count(distinct sha256) from photos where status='ok' and sha256 is not null"
+        ).fetchone()[0]
+
+    def people_summary(self) -> list[dict]:
+        """Every person with a folder: id, name (None: cluster_<id>) and how many distinct photos
+        (identical files count once) hold a confident face of them."""
+        return list(self.db.query(
+            "select c.id, c.name, count(distinct f.sha256) as photos from clusters c"
+            " join faces f on f.cluster_id = c.id and f.doubtful = 0"
+            " group by c.id order by c.id"
+        ))
+
+    def doubtful_photos(self) -> list[dict]:
+        """One row per doubtful face: the photo (its first name), face id, reason, nearest person."""
+        return [
+            {"path": _py_text(r[0]), "face": r[1], "reason": r[2], "nearest": r[3], "nearest_name": r[4]}
+            for r in self.db.execute(
+                "select min(p.path), f.id, f.doubt_reason, f.nearest_cluster, c.name from faces f"
+                " join photos p on p.sha256 = f.sha256 and p.status = 'ok'"
+                " left join clusters c on c.id = f.nearest_cluster"
+                " where f.doubtful = 1 group by f.id order by min(p.path), f.idx"
+            )
+        ]
+
+    def photos_without_faces(self) -> list[str]:
+        return [
+            _py_text(r[0])
+            for r in self.db.execute(
+                "select p.path from photos p join images i on i.sha256 = p.sha256"
+                " where p.status = 'ok' and i.face_count = 0 order by p.path"
+            )
+        ]
+
     # ---- review page (read-only queries) -------------------------------------------------
     # People are the clusters with at least one confident face and not hidden (the ones with a
     # folder); doubtful faces of hidden people are in no folder either (output.desired_tree).
