@@ -349,6 +349,14 @@ def test_organizer_web_prints_its_address_and_serves_it(lib, tmp_path):
                 reply = b"".join(iter(lambda: sock.recv(65536), b""))
             assert reply.split(b" ", 2)[1] in (b"400", b"404"), (raw, reply[:200])
             assert b"root:" not in reply
+        # another site's name pointed at 127.0.0.1 (DNS rebinding): refused, cookie or not
+        for name in ("evil.example", "127.0.0.1.evil.example"):
+            with socket.create_connection((host, int(port)), timeout=30) as sock:
+                sock.sendall(f"GET / HTTP/1.1\r\nHost: {name}:{port}\r\nCookie: {session}\r\n"
+                             "Connection: close\r\n\r\n".encode())
+                reply = b"".join(iter(lambda: sock.recv(65536), b""))
+            assert reply.split(b" ", 2)[1] == b"400" and b"unexpected Host" in reply, name
+        assert "People" in opener.open(f"http://localhost:{port}/?token={web.url.split('token=')[1]}", timeout=30).read().decode()
     finally:
         assert web.stop() == 0
 
