@@ -1,4 +1,5 @@
-"""The review page's routes: People, a Person, Doubtful, and the face and photo images.
+"""The review page's routes: People, a Person, Doubtful, Corrections, the face and photo images,
+and the actions (each one correction of :mod:`organizer.corrections`, made with source "page").
 
 Pages are rendered on the server (Jinja2); the browser needs no build step and runs a few lines
 of plain JavaScript (static/app.js) at most. Reads go through the store's public query methods on
@@ -33,8 +34,8 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from ..config import Settings
-from ..ingest import IngestError, open_upright
 from ..corrections import CorrectionError, Corrections, describe
+from ..ingest import IngestError, open_upright
 from ..output import face_crop, folder_name
 from ..store import Face, Store, StoreError
 from .security import LOGIN, Guard, Secrets, give_cookie, same
