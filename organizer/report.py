@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-TSNE_SAMPLE = 1500  # faces shown in the t-SNE map (~10 s on one core)
+TSNE_SAMPLE = 1000  # faces shown in the t-SNE map (seconds; t-SNE on all of 100k would take many minutes)
+TSNE_ITER = 500  # enough for a map of this size to settle
 PCA_SAMPLE = 20_000  # faces drawn in the PCA map (PCA itself is fitted on all)
 KDIST_SAMPLE = 2000  # faces whose k-th neighbour distance is measured (against all faces)
 SCORE_SAMPLE = 5000  # faces the silhouette is computed on (O(n^2))
@@ -110,7 +111,7 @@ def kdistance_plot(enc: np.ndarray, k: int, eps: float, rng) -> Plot:
 
     q = _sample(len(enc), KDIST_SAMPLE, rng)
     k = min(k, len(enc) - 1)
-    nn = NearestNeighbors(n_neighbors=k + 1).fit(enc)
+    nn = NearestNeighbors(n_neighbors=k + 1, algorithm="brute").fit(enc)  # trees are slow in 128-d
     dist = np.sort(nn.kneighbors(enc[q])[0][:, k])[::-1]  # column 0 is the face itself
     note = _sampled_note(len(q), len(enc))
     fig, ax = _figure()
@@ -192,8 +193,11 @@ def collect(store, settings, seed: int = 0) -> ReportData:
         return data
     data.scores = cluster_scores(enc, labels, rng)
     t = _sample(len(ids), TSNE_SAMPLE, rng)
-    tsne = TSNE(n_components=2, perplexity=float(min(30, (len(t) - 1) / 3)), init="pca", random_state=seed)
-    data.plots.append(scatter_plot(tsne.fit_transform(enc[t]), labels[t], "t-SNE map of the encodings",
+    tsne = TSNE(n_components=2, perplexity=float(min(30, (len(t) - 1) / 3)), init="pca", random_state=seed,
+                max_iter=TSNE_ITER)
+    # on the 50 main directions (the usual first step: faster neighbour search, same map)
+    reduced = PCA(n_components=min(50, len(t), enc.shape[1]), random_state=seed).fit_transform(enc[t])
+    data.plots.append(scatter_plot(tsne.fit_transform(reduced), labels[t], "t-SNE map of the encodings",
                                    _sampled_note(len(t), len(ids))))
     pca = PCA(n_components=2, random_state=seed).fit(enc)
     p = _sample(len(ids), PCA_SAMPLE, rng)
