@@ -119,9 +119,9 @@ class Constraints:
     update recomputes only the groups and people a change touched.
     """
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store | None, rules: Rules | None = None):
         self.store = store
-        self.rules = Rules.from_store(store)
+        self.rules = Rules.from_store(store) if rules is None else rules
         self.final: dict[int, int | None] = {}
         self.members: dict[int, set[int]] = {}
         self.overridden: set[int] = set()  # faces whose final decision differs from the raw one
@@ -203,12 +203,14 @@ class Constraints:
 
     # ---- applying ------------------------------------------------------------------------
     def apply(self, result: ClusterResult, people, vecs: Vecs, quality: Callable[[int], float],
-              full: bool, groups: Iterable[int | None] = ()) -> tuple[ClusterResult, dict[int, tuple | None]]:
+              full: bool, groups: Iterable[int | None] = (),
+              removed: Iterable[int] = ()) -> tuple[ClusterResult, dict[int, tuple | None]]:
         """The final result for a result of the people layer (``people``: its state after it),
         and the raw decisions to keep for the overridden faces (None: no longer overridden).
 
         ``groups``: raw groups to recompute besides those the result touched (a correction
-        changed). A full result recomputes everything."""
+        changed); ``removed``: faces deleted since the last update. A full result recomputes
+        everything. An update costs the size of the groups it touches, not of all faces."""
         raw_of = people.assign
         cid = people.cid
         if full or not self._loaded:
@@ -253,7 +255,7 @@ class Constraints:
                 persons_touched |= {self.final.get(f), a.cluster_id, rw.cluster_id}
                 self._set(f, a.cluster_id)
         # faces gone from the people layer
-        for f in [f for f in self.final if f not in raw_of]:
+        for f in [f for f in (self.final if full else removed) if f in self.final and f not in raw_of]:
             persons_touched.add(self.final[f])
             self._set(f, None)
             if f in self.overridden:
