@@ -10,7 +10,9 @@ correction touches, that turns their decision for each face (the *raw* one) into
   algorithm merged, that the user told apart) is split: each face that is not anchored goes to
   the person of the nearest anchored face, or stays with the group's own person when one of that
   person's faces (anchored, or left as the algorithm put it) is nearer. So new photos near the
-  user's assignments join them, and two differently named people are never merged again;
+  user's assignments join them, and two differently named people are never merged again. Faces
+  that were already there when the user made the correction (ids up to its *horizon*) stay where
+  the user left them: a correction moves only the faces it names, and the photos that come later;
 * a face rejected from a person is never placed in it (doubtful, "removed by you from <name>");
 * a merge maps one person onto another; a hidden person keeps its faces but gets no folder
   (``output.desired_tree`` skips it), so its future faces go nowhere.
@@ -42,6 +44,7 @@ class Rules:
     """The active corrections, compiled: what each face and person is bound to."""
 
     anchor: dict[int, int] = field(default_factory=dict)  # face -> person it is anchored to
+    horizon: dict[int, int] = field(default_factory=dict)  # anchored face -> its correction's horizon
     rejected: dict[int, set[int]] = field(default_factory=dict)  # face -> persons it may not be in
     merged: dict[int, int] = field(default_factory=dict)  # person -> person it was merged into
     pinned: set[int] = field(default_factory=set)  # persons a correction refers to: never deleted
@@ -58,6 +61,7 @@ class Rules:
             if c.kind in ("name", "assign", "split"):
                 for f in c.faces:
                     r.anchor[f] = c.person
+                    r.horizon[f] = c.horizon
                     r.rejected.get(f, set()).discard(c.person)
             elif c.kind == "reject":
                 for f in c.faces:
@@ -90,7 +94,7 @@ class Rules:
 
     def key(self) -> tuple:
         return (sorted(self.anchor.items()), sorted((f, sorted(p)) for f, p in self.rejected.items()),
-                sorted(self.merged.items()))
+                sorted(self.merged.items()), sorted(self.horizon.items()))
 
 
 Vecs = Callable[[list[int]], np.ndarray]
@@ -172,6 +176,10 @@ class Constraints:
             for p in sorted(candidates, key=lambda x: (x is None, x)):
                 reps = candidates[p]
                 d = _nearest_rows(fv, vecs(reps)) if reps else np.full(len(free), np.inf)
+                if own_pinned and p != own:
+                    # faces that were there when the user corrected it stay where the user left
+                    # them; only faces that arrived later follow the corrected ones
+                    d[free_arr <= min(r.horizon.get(f, 0) for f in reps)] = np.inf
                 if p == own and own_pinned:
                     # ... and the other free faces (not the face itself) stand for it too
                     d = np.minimum(d, _nearest_rows(fv, fv, exclude=free_arr[:, None] == free_arr[None, :]))

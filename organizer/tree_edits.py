@@ -60,6 +60,7 @@ class _Moved:
     source: str
     ident: str
     dest: str | None  # where it is now (None: deleted)
+    put_back: bool = False  # the entry is in its place again (a tree update made it anew)
 
 
 def _top(relpath: str) -> str:
@@ -135,7 +136,7 @@ class TreeEdits:
                 if srcs:
                     srcs.sort(key=lambda s: (_top(s) == DOUBTFUL, s))
                     kind, source = manifest[srcs[0]]
-                    moved.append(_Moved(srcs[0], kind, source, ident, dest))
+                    moved.append(_Moved(srcs[0], kind, source, ident, dest, put_back=True))
                     present[ident].remove(srcs[0])
                     dests.remove(dest)
         self._act(moved, manifest, report)
@@ -288,7 +289,8 @@ class TreeEdits:
         update removes those no longer wanted there, as it does any entry of its own."""
         with self.store.db.atomic():
             for m in ms:
-                self.store.manifest_remove(m.relpath)
+                if not m.put_back:  # (one put back stays the organizer's: the update removes it)
+                    self.store.manifest_remove(m.relpath)
                 if m.dest is not None:
                     self.store.manifest_add(m.dest, m.kind, m.source)
                     self.store.manifest_set_ident(m.dest, m.ident)
@@ -298,7 +300,8 @@ class TreeEdits:
         the user moved stays theirs."""
         with self.store.db.atomic():
             for m in ms:
-                self.store.manifest_remove(m.relpath)
+                if not m.put_back:
+                    self.store.manifest_remove(m.relpath)
                 if m.dest is not None:
                     self._keep_out.add(m.dest)
 
