@@ -188,6 +188,7 @@ def worker_corrected(n: int, n_photos: int, workdir: str) -> dict:
     rules = Rules()
     for f in rng.choice(placed, max(1, len(people.assign) // 100), replace=False).tolist():
         rules.anchor[f] = int(rng.choice(persons))
+        rules.horizon[f] = n  # made before the photos below arrive
     for f in rng.choice(placed, max(1, len(people.assign) // 500), replace=False).tolist():
         if f not in rules.anchor:
             rules.rejected[f] = {people.assign[f].cluster_id}

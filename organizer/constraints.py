@@ -167,26 +167,30 @@ class Constraints:
             for f, p in anchored.items():
                 candidates.setdefault(p, []).append(f)
             own_pinned = own in r.pinned or own in candidates
+            free_arr = np.asarray(free)
+            movers = free_arr
             if own_pinned:  # the group's own person keeps its faces as the algorithm placed them
                 candidates.setdefault(own, [])
-            fv = vecs(free)
-            free_arr = np.asarray(free)
-            best = np.full(len(free), np.inf)
-            choice = np.full(len(free), -1, dtype=np.int64)
-            for p in sorted(candidates, key=lambda x: (x is None, x)):
-                reps = candidates[p]
-                d = _nearest_rows(fv, vecs(reps)) if reps else np.full(len(free), np.inf)
-                if own_pinned and p != own:
-                    # faces that were there when the user corrected it stay where the user left
-                    # them; only faces that arrived later follow the corrected ones
-                    d[free_arr <= min(r.horizon.get(f, 0) for f in reps)] = np.inf
-                if p == own and own_pinned:
-                    # ... and the other free faces (not the face itself) stand for it too
-                    d = np.minimum(d, _nearest_rows(fv, fv, exclude=free_arr[:, None] == free_arr[None, :]))
-                better = d < best
-                best[better], choice[better] = d[better], p
-            for i, f in enumerate(free):
-                person[f] = int(choice[i]) if choice[i] >= 0 else own
+                # faces that were there when the user corrected another person here stay where the
+                # user left them; only faces that arrived later may follow the corrected ones
+                horizon = {p: min(r.horizon.get(f, 0) for f in reps) for p, reps in candidates.items() if p != own}
+                movers = free_arr[free_arr > min(horizon.values())]
+            if len(movers):
+                mv = vecs(movers.tolist())
+                best = np.full(len(movers), np.inf)
+                choice = np.full(len(movers), -1, dtype=np.int64)
+                for p in sorted(candidates, key=lambda x: (x is None, x)):
+                    reps = candidates[p]
+                    d = _nearest_rows(mv, vecs(reps)) if reps else np.full(len(movers), np.inf)
+                    if own_pinned and p != own:
+                        d[movers <= horizon[p]] = np.inf
+                    if p == own:
+                        # ... and the other free faces (not the face itself) stand for it too
+                        d = np.minimum(d, _nearest_rows(mv, vecs(free), exclude=movers[:, None] == free_arr[None, :]))
+                    better = d < best
+                    best[better], choice[better] = d[better], p
+                for i, f in enumerate(movers.tolist()):
+                    person[f] = int(choice[i]) if choice[i] >= 0 else own
         out = {}
         for f in faces:
             a = raw[f]
