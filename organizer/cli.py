@@ -14,6 +14,8 @@ import click
 from . import __version__
 from .config import ConfigError, Settings, load_config
 from .logs import printable, setup_logging
+from .methods import ALGORITHMS
+from .perturb import KINDS as PERTURB_KINDS
 from .store import Store, StoreError
 from .storefile import unusable_message
 
@@ -56,11 +58,48 @@ def common_options(fn):
     return wrapper
 
 
+# `organizer scan` exit codes (README, "Exit codes"); 2 is click's usage error.
+EXIT_ERROR = 1  # nothing or not everything was done: bad configuration or layout, store problems
+EXIT_TREE_INCOMPLETE = 3  # the photos were processed, but output entries could not be written
+EXIT_KEPT = 4  # photos not found were kept (watched folder unavailable, or too many at once)
+
+
 def _require(settings: Settings, *keys: str) -> None:
     missing = [k for k in keys if getattr(settings.paths, k) is None]
     if missing:
         flags = ", ".join(f"--{k} (paths.{k})" for k in missing)
         raise click.UsageError(f"missing {flags}")
+
+
+def _check_layout(settings: Settings) -> None:
+    """Refuse, before anything is written, a layout that cannot work (organizer.layout)."""
+    from .layout import Layout
+
+    problems = Layout.of(settings).problems()
+    if problems:
+        for p in problems:
+            click.echo(f"error: {p}", err=True)
+        sys.exit(EXIT_ERROR)
+
+
+def executor_options(fn):
+    """--executor/--scheduler: where photos are encoded (service.executor / service.scheduler)."""
+
+    @click.option("--executor", type=click.Choice(["local", "dask"]), default=None,
+                  help="Encode photos in local processes (default) or on a dask cluster (needs `uv sync --extra dask`).")
+    @click.option("--scheduler", default=None, metavar="tcp://HOST:PORT",
+                  help="The dask scheduler; without it --executor dask starts a local cluster.")
+    @functools.wraps(fn)
+    def wrapper(settings: Settings, executor, scheduler, **kwargs):
+        if scheduler and (executor or settings.service.executor) != "dask":
+            raise click.UsageError("--scheduler needs --executor dask")
+        if executor:
+            settings.service.executor = executor
+        if scheduler:
+            settings.service.scheduler = scheduler
+        return fn(settings=settings, **kwargs)
+
+    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -69,34 +108,104 @@ def cli():
     """Sort a photo library into one folder per person."""
 
 
+def web_options(fn):
+    fn = click.option("--port", type=click.IntRange(0, 65535),
+                      help="Port of the review page (default 8765, web.port; 0 = any free port).")(fn)
+    return click.option("--host", help="Address of the review page (default 127.0.0.1, web.host: this "
+                        "machine only; another one prints a warning).")(fn)
+
+
+def _web_server(settings: Settings, host: str | None, port: int | None, foreground: bool = False):
+    """The review page's server, bound; prints its address (with the token) as Jupyter does."""
+    from .web.server import WebError, WebServer
+
+    try:
+        server = WebServer(settings, host, port)
+    except WebError as exc:
+        raise click.ClickException(str(exc)) from None
+    if foreground:
+        server.catch_signals()
+    if server.warning:
+        click.echo(server.warning, err=True)
+    click.echo(f"review page: {server.url}")
+    sys.stdout.flush()
+    return server
+
+
 @cli.command()
 @common_options
+@executor_options
 @click.option("--polling", is_flag=True, default=None, help="Poll the folder instead of kernel events (network shares).")
-def run(settings: Settings, polling):
+@click.option("--web", "with_web", is_flag=True, help="Also serve the review page (see `organizer web`).")
+@web_options
+def run(settings: Settings, polling, with_web: bool, host: str | None, port: int | None):
     """Run the service: watch the folder and keep the person folders up to date."""
     from .service import Service
 
     _require(settings, "watch", "output")
+    _check_layout(settings)
     if polling:
         settings.service.polling = True
-    sys.exit(Service(settings).run())
+    server = _web_server(settings, host, port) if with_web else None
+    # the page is served from a thread of this process once the service holds the store (so the
+    # page never takes the writer's lock); its changes reach the service through the store
+    try:
+        code = Service(settings, on_ready=server.start if server else None).run()
+    finally:
+        if server is not None:
+            server.stop()
+    sys.exit(code)
 
 
 @cli.command()
 @common_options
-def scan(settings: Settings):
-    """Process every photo in the watched folder once, then exit."""
-    from .encode import check_models
+@web_options
+def web(settings: Settings, host: str | None, port: int | None):
+    """Serve the review page: people, their faces and the doubtful ones, in the browser."""
+    _require(settings, "output")
+    Store.open_for_edit(settings.db_path).close()  # there must be a store (upgraded when no service runs)
+    _web_server(settings, host, port, foreground=True).serve()
+
+
+@cli.command()
+@common_options
+@executor_options
+@click.option("--forget-anyway", is_flag=True,
+              help="Forget photos no longer found even when they are more than service.max_forget_share of all.")
+@click.option("--algorithm", type=click.Choice(ALGORITHMS), default="dbscan", show_default=True,
+              help="Batch clustering method for this scan's people (for comparison; the service always "
+                   "uses dbscan and goes back to it at its next start).")
+def scan(settings: Settings, forget_anyway: bool, algorithm: str):
+    """Process every photo in the watched folder once, then exit.
+
+    Exit codes: 0 done; 1 error (nothing more was done); 3 the output tree could not be fully
+    written; 4 photos not found were kept, not forgotten (see the log).
+    """
+    from .encode import EncoderUnavailable
     from .pipeline import Organizer
     from .progress import progress_reporter
+    from .service import reasons_text
 
     _require(settings, "watch", "output")
-    check_models()
+    _check_layout(settings)
+    watch = settings.paths.watch
+    if not watch.is_dir():  # refused before the store is created
+        raise FileNotFoundError(f"the watched folder {watch} does not exist: create it or check --watch "
+                                "(paths.watch); `organizer run` creates it on a first start")
     with Store.open(settings.db_path) as store:
         org = Organizer(settings, store)
         try:
+            org.encoder.start(wait=True)  # the models load in the workers only (or they say why they cannot)
+        except EncoderUnavailable as exc:
+            org.close()
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_ERROR)
+        try:
             with progress_reporter("Scanning") as progress:
-                report = org.scan(progress=progress)
+                report = org.scan(progress=progress, forget_anyway=forget_anyway)
+            if algorithm != "dbscan":
+                org.recluster(algorithm)
+                org.reconcile()
         finally:
             org.close()
         st = store.status()
@@ -105,6 +214,16 @@ def scan(settings: Settings):
         f"{report.failed} failed, {report.removed} removed; "
         f"{st['clusters']} people, {st['doubtful_faces']} doubtful faces"
     )
+    code = 0
+    if report.tree_failed:
+        wanted = getattr(org.last_tree, "wanted", 0)
+        click.echo(f"output tree incomplete: {report.tree_failed} of {wanted} entries could not be written "
+                   f"({reasons_text(report.tree_reasons)}); fix {settings.paths.output} and run scan again")
+        code = EXIT_TREE_INCOMPLETE
+    if report.kept:
+        click.echo(f"{report.kept} photos not found were kept, not forgotten (see the log above)")
+        code = EXIT_KEPT
+    sys.exit(code)
 
 
 @cli.command()
@@ -112,25 +231,36 @@ def scan(settings: Settings):
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--errors", default=10, show_default=True, help="How many recent errors to list.")
 def status(settings: Settings, as_json: bool, errors: int):
-    """What the store knows: photos, faces, people, doubtful faces, failures."""
+    """What the store knows: photos, duplicates, people (id, folder, photos), doubtful faces, failures."""
+    from .output import folder_name
+
     with Store.open_readonly(settings.db_path) as store:
         st = store.status(errors)
         # a name that is not UTF-8 is shown with its odd bytes as \xNN (stdout must be text)
         st["last_errors"] = [{k: printable(v) for k, v in e.items()} for e in st["last_errors"]]
         st["output_errors"] = [printable(e) for e in st["output_errors"]]
+        st["duplicates"] = store.duplicate_count()
+        photos = {p["id"]: p["photos"] for p in store.people_summary()}
         st["people"] = [
-            {"id": c["id"], "name": c["name"], "faces": c["size"]} for c in store.clusters()
+            {"id": c["id"], "name": c["name"], "folder": folder_name(c["id"], c["name"]), "faces": c["size"],
+             "photos": photos[c["id"]]}
+            for c in store.clusters() if c["id"] in photos
         ]
     if as_json:
         click.echo(json.dumps(st, indent=2))
         return
     click.echo(f"store:             {settings.db_path}")
     click.echo(f"photos:            {st['photos']} ({st['photos_with_faces']} with faces, "
-               f"{st['photos_without_faces']} without)")
+               f"{st['photos_without_faces']} without; {st['duplicates']} duplicates of another photo)")
     click.echo(f"failed:            {st['failed']}")
     click.echo(f"faces:             {st['faces']} ({st['doubtful_faces']} doubtful)")
     click.echo(f"people (clusters): {st['clusters']} ({st['named_clusters']} named, {st['hidden_people']} hidden)")
     click.echo(f"corrections:       {st['corrections']}")
+    if st["people"]:
+        width = max(len(p["folder"]) for p in st["people"])
+        click.echo(f"  {'id':>5}  {'folder':<{width}}  photos")
+        for p in st["people"]:
+            click.echo(f"  {p['id']:>5}  {p['folder']:<{width}}  {p['photos']}")
     if st["last_errors"]:
         click.echo("recent errors:")
         for e in st["last_errors"]:
@@ -143,6 +273,33 @@ def status(settings: Settings, as_json: bool, errors: int):
         click.echo("changes in the person folders that were not understood (nothing was done about them):")
         for e in st["tree_unclear"]:
             click.echo(f"  {printable(e)}")
+
+
+@cli.command()
+@common_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def doubtful(settings: Settings, as_json: bool):
+    """Photos with a face that was not placed (why, and the nearest person), and photos without faces."""
+    from .output import folder_name
+
+    with Store.open_readonly(settings.db_path) as store:
+        faces = store.doubtful_photos()
+        for f in faces:
+            f["path"] = printable(f["path"])
+            f["nearest_folder"] = (folder_name(f["nearest"], f["nearest_name"])
+                                   if f["nearest"] is not None else None)
+            del f["nearest_name"]
+        without = [printable(p) for p in store.photos_without_faces()]
+    if as_json:
+        click.echo(json.dumps({"doubtful": faces, "without_faces": without}, indent=2))
+        return
+    click.echo(f"doubtful faces: {len(faces)}")
+    for f in faces:
+        click.echo(f"  {f['path']}  face {f['face']}: {f['reason'] or 'doubtful'}; "
+                   f"nearest: {f['nearest_folder'] or 'nobody'}")
+    click.echo(f"photos without faces: {len(without)}")
+    for p in without:
+        click.echo(f"  {p}")
 
 
 @cli.command()
@@ -360,6 +517,41 @@ def corrections(settings: Settings, as_json: bool):
         click.echo(f"{r.id:>5}  {when}  {r.source:<8} {printable(text)}{'  (undone)' if r.undone else ''}")
 
 
+@cli.command()
+@click.option("--labels", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Labelled photos: one folder per person (DIR/<person>/<photo>).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="TOML config file (its detection and clustering settings; its folders are not used).")
+@click.option("--algorithm", "algorithms", multiple=True, type=click.Choice(ALGORITHMS),
+              help="Clustering method to score (repeat to compare; default dbscan, the service's).")
+@click.option("--sweep", "sweeps", multiple=True, metavar="NAME=START:STOP:STEP",
+              help="Score a range of a clustering setting (eps, min_samples, doubt_margin, linkage_threshold); "
+                   "repeat for a grid.")
+@click.option("--perturb", "perturbs", multiple=True, type=click.Choice(PERTURB_KINDS),
+              help="Also run on degraded copies (repeatable): how faces found and F1 fall.")
+@click.option("--keep", type=click.Path(file_okay=False, path_type=Path),
+              help="Keep the store and output tree here (a new or empty folder) instead of a temporary one.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def evaluate(labels, config_path, algorithms, sweeps, perturbs, keep, as_json):
+    """Score the sorting against labelled photos: pairwise and BCubed precision/recall/F1."""
+    from .insight import run_evaluate
+
+    run_evaluate(labels, config_path, algorithms, sweeps, perturbs, keep, as_json)
+
+
+@cli.command()
+@common_options
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="HTML file to write.")
+def report(settings: Settings, out: Path):
+    """Write a self-contained HTML report on the clustering (plots, scores, the eps curve)."""
+    from .report import write_report
+
+    _require(settings, "output")
+    with Store.open_readonly(settings.db_path) as store:
+        data = write_report(store, settings, out)
+    click.echo(f"{out}: {data.people} people, {data.faces} faces ({data.doubtful} doubtful), {len(data.plots)} plots")
+
+
 @cli.group()
 def config():
     """Configuration helpers."""
@@ -368,8 +560,29 @@ def config():
 @config.command("check")
 @common_options
 def config_check(settings: Settings):
-    """Validate the configuration and print the effective settings."""
+    """Validate the configuration, print the effective settings and check the paths.
+
+    Paths are shown resolved (``~``, ``$VAR`` and relative paths; README "Configuration").
+    """
+    from .layout import Layout
+
     click.echo(json.dumps(settings.model_dump(mode="json"), indent=2))
+    problems = []
+    if settings.paths.output is not None or settings.paths.db is not None:
+        if settings.paths.output is None:
+            settings.paths.output = settings.db_path.parent  # only to place the layout check
+        layout = Layout.of(settings)
+        for what, p in (("watch", layout.watch), ("output", layout.output), ("db", layout.db)):
+            if p is not None:
+                state = "exists" if p.exists() else "does not exist yet"
+                if what == "watch" and not p.exists():
+                    state += " (`organizer run` creates it on a first start; `scan` needs it)"
+                click.echo(f"{what + ':':<8} {p}  [{state}]", err=True)
+        problems = layout.problems()
+    for p in problems:
+        click.echo(f"error: {p}", err=True)
+    if problems:
+        sys.exit(EXIT_ERROR)
     click.echo("configuration OK", err=True)
 
 

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .cluster import REASON_UNUSABLE, ClusterResult, FaceChanges, Neighbours, People, average_linkage_split, batch_labels
+from .cluster import REASON_UNUSABLE, ClusterResult, FaceChanges, Neighbours, People, average_linkage_split
 from .config import Settings
 from .constraints import Constraints
 from .incremental_dbscan import IncrementalDBSCAN, load_arrays, load_state, save_arrays, save_state
+from .methods import cluster_labels, refined
 from .store import FaceClustering, FaceVectors, Store
 
 log = logging.getLogger(__name__)
@@ -79,21 +80,24 @@ class Clustering:
             state.unlink(missing_ok=True)
 
     # ---- the two paths -------------------------------------------------------------------------
-    def recluster(self) -> None:
+    def recluster(self, algorithm: str = "dbscan") -> None:
         """Batch: scikit-learn DBSCAN over every usable face, people derived from scratch.
 
         The reference for the incremental engine and a repair tool; ids stay stable.
+        ``algorithm``: another batch method to compare with (:mod:`organizer.methods`); its result
+        is stored as stale, so the next update (the service's start) derives DBSCAN's people again.
         """
         faces = self.store.usable_encodings(self.min_size, self.min_sharpness)
         t0 = time.monotonic()
-        labels = batch_labels(faces.encodings, self.cfg.eps, self.cfg.min_samples)
-        log.info("batch DBSCAN (scikit-learn) over %d faces: %d clusters in %.1f s", len(faces),
+        labels = cluster_labels(algorithm, faces.encodings, self.cfg)
+        log.info("batch %s over %d faces: %d clusters in %.1f s", algorithm, len(faces),
                  len(set(labels.tolist()) - {-1}), time.monotonic() - t0)
         clusters = {int(lab): faces.ids[labels == lab].tolist() for lab in np.unique(labels) if lab >= 0}
         self._meta = self._meta_of(faces)
         self._constraints = Constraints(self.store)
-        self._derive(self._new_people(), Neighbours(faces.ids, faces.encodings), clusters,
-                     previous=self._raw_previous())
+        self._derive(self._new_people(refined(algorithm)), Neighbours(faces.ids, faces.encodings), clusters,
+                     previous=self._raw_previous(),
+                     fingerprint=None if algorithm == "dbscan" else f"method:{algorithm}")
         self._engine = None  # the incremental state is rebuilt from the store on next use
         self._people = None
 
@@ -199,8 +203,8 @@ class Clustering:
         return eng
 
     # ---- deriving and storing people -----------------------------------------------------------
-    def _new_people(self) -> People:
-        return People(self.cfg, average_linkage_split if self.cfg.linkage_threshold > 0 else None)
+    def _new_people(self, refine: bool = True) -> People:
+        return People(self.cfg, average_linkage_split if refine and self.cfg.linkage_threshold > 0 else None)
 
     @staticmethod
     def _meta_of(faces: FaceVectors) -> dict[int, tuple[str, float]]:
@@ -208,14 +212,18 @@ class Clustering:
                 for i, f in enumerate(faces.ids.tolist())}
 
     def _derive(self, people: People, index: IncrementalDBSCAN | Neighbours, clusters: dict[int, list[int]],
-                previous: dict[int, int | None] | None = None, changes: FaceChanges | None = None) -> None:
-        """Derive people for ``clusters`` (all of them without ``changes``) and store the result."""
+                previous: dict[int, int | None] | None = None, changes: FaceChanges | None = None,
+                fingerprint: str | None = None) -> None:
+        """Derive people for ``clusters`` (all of them without ``changes``) and store the result
+        (``fingerprint``: of what made it, by default the current settings')."""
         meta = self._meta
         result = people.derive(clusters, index, photo=lambda f: meta[f][0], quality=lambda f: meta[f][1],
                                next_id=self.store.next_cluster_id(), previous=previous, changes=changes)
-        self._store(result, people, index, full=changes is None, removed=changes.removed if changes else ())
+        self._store(result, people, index, full=changes is None, fingerprint=fingerprint,
+                    removed=changes.removed if changes else ())
 
-    def _store(self, result: ClusterResult, people: People, index, full: bool, groups=(), removed=()) -> None:
+    def _store(self, result: ClusterResult, people: People, index, full: bool, groups=(),
+               fingerprint: str | None = None, removed=()) -> None:
         """Store a clustering result, plus doubt for faces too small or blurred to cluster (their
         hint: the person of their nearest face within eps). The user's corrections are applied to
         the result first (:class:`~organizer.constraints.Constraints`; ``groups``: raw groups to
@@ -241,6 +249,7 @@ class Clustering:
                               else FaceClustering(None, True, REASON_UNUSABLE, None))
         with self.store.db.atomic():
             self.store.save_clustering(
-                assignments, result.clusters, result.removed, result.next_id, full=full, fingerprint=self.fingerprint()
+                assignments, result.clusters, result.removed, result.next_id, full=full,
+                fingerprint=fingerprint or self.fingerprint()
             )
             self.store.save_corrected(auto)

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import stat
 import struct
 import warnings
 from collections.abc import Iterable, Iterator
+from typing import BinaryIO
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,17 +82,21 @@ def _inside(path: Path, roots: Iterable[Path]) -> bool:
     return False
 
 
-def discover(watch: Path, exclude: Iterable[Path] = (), unreadable: list[Path] | None = None) -> Iterator[Path]:
-    """Yield every candidate photo under ``watch`` (recursively, sorted, absolute paths).
+def discover(root: Path, layout=None, unreadable: list[Path] | None = None) -> Iterator[Path]:
+    """Yield every photo under ``root`` (recursively, sorted, absolute paths) that is input by
+    ``layout``'s rule (:meth:`organizer.layout.Layout.is_input`; without one, every candidate
+    photo not in a hidden folder -- only for tools and tests).
 
-    Directory symlinks are not followed (no loops, no escaping the watched tree); hidden
-    directories and the ``exclude`` folders (the output tree, the db folder) are skipped.
-    File symlinks are yielded; :func:`check_readable` decides whether they may be read.
-    Folders that cannot be listed (permissions, I/O errors) are logged and appended to
-    ``unreadable``: their photos are not gone, only out of reach for now.
+    Directory symlinks are not followed (no loops, no escaping the watched tree); folders that
+    are not input are not entered. File symlinks are yielded; :func:`check_readable` decides
+    whether they may be read. Folders that cannot be listed (permissions, I/O errors) are logged
+    and appended to ``unreadable``: their photos are not gone, only out of reach for now.
     """
-    watch = Path(os.path.abspath(watch))
-    excluded = [Path(os.path.abspath(p)) for p in exclude]
+    root = Path(os.path.abspath(root))
+    if layout is None:
+        from .layout import Layout
+
+        layout = Layout(root, root / ".organizer", root / ".organizer" / "organizer.db")
 
     def report(exc: OSError) -> None:
         log.warning("cannot list folder %s: %s (its photos are skipped for now)",
@@ -98,14 +104,14 @@ def discover(watch: Path, exclude: Iterable[Path] = (), unreadable: list[Path] |
         if unreadable is not None and exc.filename:
             unreadable.append(Path(os.fsdecode(exc.filename)))
 
-    for dirpath, dirnames, filenames in os.walk(watch, followlinks=False, onerror=report):
+    if not layout.is_input(root, is_dir=True):
+        return
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=report):
         here = Path(dirpath)
-        dirnames[:] = sorted(
-            d for d in dirnames if not d.startswith(".") and not _inside(here / d, excluded)
-        )
+        dirnames[:] = sorted(d for d in dirnames if layout.is_input(here / d, is_dir=True))
         for name in sorted(filenames):
             path = here / name
-            if is_candidate(path) and not _inside(path, excluded):
+            if layout.is_input(path):
                 yield path
 
 
@@ -166,8 +172,8 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im
 
 
-def load_for_detection(path: Path, max_side: int, max_pixels: int) -> Prepared:
-    """Decode ``path`` to RGB with EXIF orientation applied, downscaled so its longer side <= max_side.
+def load_for_detection(path: Path | BinaryIO, max_side: int, max_pixels: int) -> Prepared:
+    """Decode ``path`` (a file name, or a binary file object holding the photo's bytes) to RGB with EXIF orientation applied, downscaled so its longer side <= max_side.
 
     Refuses images whose declared pixel count exceeds ``max_pixels`` before decoding them
     (decompression bombs), and truncated or unidentifiable files.
@@ -229,5 +235,30 @@ def load_for_detection(path: Path, max_side: int, max_pixels: int) -> Prepared:
 
 
 def open_upright(path: Path, max_pixels: int) -> Image.Image:
-    """Full-size RGB image with EXIF orientation applied (used for face crops in the output)."""
+    """Full-size RGB image with EXIF orientation applied (degraded copies for `evaluate --perturb`)."""
     return Image.fromarray(load_for_detection(path, 1 << 30, max_pixels).pixels, "RGB")
+
+
+def upright_crop(path: Path, box: tuple[int, int, int, int], size: int, max_pixels: int) -> Image.Image:
+    """The region ``box`` (left, top, right, bottom in upright full-size pixels, clipped to the
+    photo) as RGB, scaled down to at most ``size`` on its longer side (face crops in the output).
+
+    Decodes only as much resolution as the crop needs: a JPEG in draft mode at 1/2, 1/4 or 1/8 of
+    its size (a face crop of a 12-megapixel photo costs a fraction of a full decode)."""
+    left, top, right, bottom = box
+    side = 1 << 30
+    try:
+        with Image.open(path) as im:  # the header only: the stored size (its long side is the upright one's)
+            long_side = max(im.size)
+        want = long_side * size / max(right - left, bottom - top, 1)
+        # the smallest draft scale (1/8 .. 1/1) that still gives the crop ``size`` pixels, and no resize after it
+        side = next(math.ceil(long_side / d) for d in (8, 4, 2, 1) if long_side / d >= want or d == 1)
+    except Exception:  # noqa: BLE001 - load_for_detection below gives the reason a person can read
+        pass
+    prep = load_for_detection(path, side, max_pixels)
+    s = prep.scale
+    im = Image.fromarray(prep.pixels, "RGB")
+    crop = im.crop((max(0, round(left / s)), max(0, round(top / s)),
+                    min(im.width, round(right / s)), min(im.height, round(bottom / s))))
+    crop.thumbnail((size, size), Image.Resampling.LANCZOS)
+    return crop
