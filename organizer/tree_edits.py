@@ -177,8 +177,12 @@ class TreeEdits:
             by_dest: dict[str | None, list[_Moved]] = defaultdict(list)
             for m in ms:
                 by_dest[_top(m.dest) if m.dest else None].append(m)
-            whole = src_pid is not None and len(moved_links) == len(links_of_src) and len(by_dest) == 1
-            (only_dest,) = by_dest if len(by_dest) == 1 else (object(),)
+            # the folder as a whole (renamed, moved, deleted): judged by its links alone (a
+            # representative or montage moved over another folder's own is no sign either way)
+            link_dests = {_top(m.dest) if m.dest else None for m in moved_links}
+            whole = (src_pid is not None and moved_links and len(moved_links) == len(links_of_src)
+                     and len(link_dests) == 1)
+            (only_dest,) = link_dests if len(link_dests) == 1 else (object(),)
             if whole and only_dest is None and not os.path.isdir(self.output / src):
                 self._record(report, lambda: self.corrections.hide(src_pid, "folders"))
                 log.info("folder %s deleted: person %d hidden", src, src_pid)
