@@ -172,6 +172,25 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im
 
 
+def open_regular(path: Path | BinaryIO) -> BinaryIO:
+    """``path`` opened for reading, refusing anything but a regular file. A named pipe (or a
+    device) would block every reader forever, and a reader in a worker process may meet one the
+    parent never checked (a photo encoded ahead of time, a file swapped since): the open does not
+    wait (O_NONBLOCK) and the check is on the opened file itself. A file object is returned as is."""
+    if not isinstance(path, (str, os.PathLike)):
+        return path
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise IngestError(VANISHED) from None
+    except OSError as exc:
+        raise IngestError(f"cannot open file: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise IngestError("not a regular file")
+    return os.fdopen(fd, "rb")
+
+
 def load_for_detection(path: Path | BinaryIO, max_side: int, max_pixels: int) -> Prepared:
     """Decode ``path`` (a file name, or a binary file object holding the photo's bytes) to RGB with EXIF orientation applied, downscaled so its longer side <= max_side.
 
@@ -179,12 +198,12 @@ def load_for_detection(path: Path | BinaryIO, max_side: int, max_pixels: int) ->
     (decompression bombs), and truncated or unidentifiable files.
     """
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), open_regular(path) as fh:  # closed once decoded
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             # PIL warns (to stderr, outside our log format) about corrupt EXIF blocks; a broken
             # EXIF block is handled below by using the image as stored.
             warnings.simplefilter("ignore", UserWarning)
-            im = Image.open(path)
+            im = Image.open(fh)
             im.seek(0)  # first frame of animated GIF/WebP
             w, h = im.size
             if w <= 0 or h <= 0:
@@ -248,7 +267,7 @@ def upright_crop(path: Path, box: tuple[int, int, int, int], size: int, max_pixe
     left, top, right, bottom = box
     side = 1 << 30
     try:
-        with Image.open(path) as im:  # the header only: the stored size (its long side is the upright one's)
+        with open_regular(path) as fh, Image.open(fh) as im:  # the header only: the stored size (its long side is the upright one's)
             long_side = max(im.size)
         want = long_side * size / max(right - left, bottom - top, 1)
         # the smallest draft scale (1/8 .. 1/1) that still gives the crop ``size`` pixels, and no resize after it

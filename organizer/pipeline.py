@@ -237,12 +237,24 @@ class Organizer:
                 break
             batch = todo[start : start + batch_size]
             # the next batch too: the workers encode it while this one is committed and the tree updated
-            self.encoder.prefetch(todo[start : start + 2 * batch_size])
+            self.encoder.prefetch(self._encodable(todo[start : start + 2 * batch_size]))
             self._process_batch(batch, report, tick, stop, settle_seconds)
             self.refresh(verify=False)  # a scan verifies the whole tree once at its end
         if done[0] < total:
             log.info("stop requested: %d photos left for the next run", total - done[0])
         return report
+
+    def _encodable(self, paths: list[Path]) -> list[Path]:
+        """The paths that pass :func:`check_readable`: only those may reach the workers, also
+        ahead of time (a symlink out of the watched folder is never read; a FIFO never opened)."""
+        out = []
+        for path in paths:
+            try:
+                check_readable(path, self.watch or path.parent)
+            except IngestError:
+                continue  # _process_batch records why
+            out.append(path)
+        return out
 
     def _process_batch(self, batch: list[Path], report: ScanReport, tick: Callable[[], None],
                        stop: Callable[[], bool] = lambda: False, settle_seconds: float = 0.0) -> None:
