@@ -666,33 +666,35 @@ def _hand_edit(output: Path, watch: Path) -> dict:
 
 
 def _check_repaired(output: Path, edit: dict) -> None:
-    assert edit["deleted"].exists(), "the deleted link was not put back"
+    # a deleted link is a correction (issue 14): that face is rejected from the person, its photo
+    # goes to doubtful/; a deleted representative is put back
+    assert not edit["deleted"].exists(), "the deleted link was put back"
+    assert (output / "doubtful" / edit["deleted"].name).exists(), "the rejected photo is not in doubtful/"
     assert (edit["fb"] / "representative.jpg").is_file(), "the deleted face crop was not put back"
     for p, digest in edit["theirs"].items():
         assert p.is_file() and hashlib.sha256(p.read_bytes()).hexdigest() == digest, f"{p} was changed"
 
 
-def test_hand_edits_repaired_by_the_service_and_others_left_alone(tmp_path):
+def test_hand_edits_read_by_the_service_and_others_left_alone(tmp_path):
     watch, output = _library(tmp_path)
     originals = tree_hashes(watch)
     svc = _start(watch, output, tmp_path, settle_seconds=0.3, rescan_interval=2)
     try:
         wait_for(lambda: _sorted(output, watch), 120, "sorting")
         edit = _hand_edit(output, watch)
-        wait_for(lambda: edit["deleted"].exists() and (edit["fb"] / "representative.jpg").exists(), 30,
-                 "the periodic rescan to repair the tree")
+        wait_for(lambda: (output / "doubtful" / edit["deleted"].name).exists()
+                 and (edit["fb"] / "representative.jpg").exists(), 30, "the tree to be updated")
         _check_repaired(output, edit)
-        # a person folder renamed by hand: the organizer recreates its own folder and leaves the
-        # renamed one (now the person's own files) alone
+        # a person folder renamed by hand names the person (issue 14): its photos stay there, new
+        # links come there, and the person's own files in it are left alone
         renamed = output / "Mum"
         os.rename(edit["fa"], renamed)
-        before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in renamed.iterdir()}
-        photos_a = sorted((watch / A).iterdir())
-        wait_for(lambda: edit["fa"].is_dir() and all(edit["fa"].name in folders_holding(output, p) for p in photos_a),
-                 30, "the folder to be recreated")
-        time.sleep(2.5)  # one more rescan: still nothing of theirs touched
-        assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in renamed.iterdir()} == before
-        _check_repaired(output, {**edit, "theirs": {k: v for k, v in edit["theirs"].items() if edit["fa"] not in k.parents}})
+        photos_a = [p for p in sorted((watch / A).iterdir()) if p.name != edit["deleted"].name]
+        wait_for(lambda: all(folders_holding(output, p) == {"Mum"} for p in photos_a), 30, "the name")
+        time.sleep(2.5)  # one more rescan: nothing of theirs touched, no folder of the old name
+        assert not edit["fa"].exists()
+        moved = {k.name: v for k, v in edit["theirs"].items() if edit["fa"] in k.parents}
+        assert {n: hashlib.sha256((renamed / n).read_bytes()).hexdigest() for n in moved} == moved
         assert svc.alive
     finally:
         code = svc.stop()
