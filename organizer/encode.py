@@ -12,8 +12,9 @@ import io
 import logging
 import multiprocessing
 import os
+import stat
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -342,11 +343,12 @@ def _worker_init(parent: int) -> None:
 
 
 def _signature(path: Path) -> tuple[int, int] | None:
+    """(size, mtime) of a regular file; None for anything else (a FIFO would block a worker's read)."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return st.st_size, st.st_mtime_ns
+    return (st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
 
 
 class EncoderPool:
@@ -377,19 +379,22 @@ class EncoderPool:
             for fut in loading:
                 fut.add_done_callback(lambda f: f.exception())  # a failure shows with the first photo
 
-    def prefetch(self, paths: Iterable[Path]) -> None:
+    def prefetch(self, paths: Iterable[Path], readable: Callable[[Path], bool]) -> None:
         """Start encoding ``paths`` now, before map() asks for them: the workers keep busy while the
-        caller commits results and updates the tree. map() uses such a result only if the file's
-        size and mtime are unchanged since; one no later map() asked for (e.g. a duplicate) is
-        dropped after the next call to map()."""
+        caller commits results and updates the tree. Only paths ``readable(path)`` accepts are
+        read (the caller's rules: symlinks out of the watched folder, FIFOs, ...). map() uses such
+        a result only if the file's size and mtime are unchanged since; one no later map() asked
+        for (e.g. a duplicate) is dropped after the next call to map()."""
         if self.workers <= 0:
             return
         pool = self._ensure_pool()
         self._round += 1
         for path in paths:
             path = Path(path)
+            if path in self._ahead:
+                continue
             sig = _signature(path)
-            if path not in self._ahead and sig is not None:
+            if sig is not None and readable(path):
                 self._ahead[path] = (pool.submit(analyze_photo, path, self.settings), sig, self._round)
 
     def _take_ahead(self, path: Path) -> cf.Future | None:

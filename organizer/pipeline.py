@@ -176,7 +176,7 @@ class Organizer:
                 break
             batch = todo[start : start + batch_size]
             # the next batch too: the workers encode it while this one is committed and the tree updated
-            self.encoder.prefetch(todo[start : start + 2 * batch_size])
+            self.encoder.prefetch(todo[start : start + 2 * batch_size], self._readable)
             self._process_batch(batch, report, lambda: progress and progress(done + 1, total))
             done += len(batch)
             if progress:
@@ -224,6 +224,14 @@ class Organizer:
                 report.duplicates += 1
             else:
                 self._fail(path, self.store.error_of(str(first_of[sha])) or "could not be decoded", report, size, mtime)
+
+    def _readable(self, path: Path) -> bool:
+        """May the encoders read this file ahead of its batch (see check_readable)?"""
+        try:
+            check_readable(path, self.watch or path.parent)
+        except IngestError:
+            return False
+        return True
 
     def _fail(self, path: Path, reason: str, report: ScanReport, size: int = 0, mtime: float = 0.0) -> None:
         if not size:
