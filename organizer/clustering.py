@@ -15,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .cluster import REASON_UNUSABLE, ClusterResult, FaceChanges, Neighbours, People, average_linkage_split, batch_labels
+from .cluster import REASON_UNUSABLE, ClusterResult, FaceChanges, Neighbours, People, average_linkage_split
 from .config import Settings
+from .constraints import Constraints
 from .incremental_dbscan import IncrementalDBSCAN, load_arrays, load_state, save_arrays, save_state
+from .methods import cluster_labels, refined
 from .store import FaceClustering, FaceVectors, Store
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,7 @@ class Clustering:
         self._people: People | None = None
         self._meta: dict[int, tuple[str, float]] = {}  # usable face -> (photo sha256, quality)
         self._seen_face_id = 0  # faces above this id are new to the engine
+        self._constraints: Constraints | None = None  # the user's corrections: the last step
 
     # ---- state files ---------------------------------------------------------------------------
     @property
@@ -77,20 +80,24 @@ class Clustering:
             state.unlink(missing_ok=True)
 
     # ---- the two paths -------------------------------------------------------------------------
-    def recluster(self) -> None:
+    def recluster(self, algorithm: str = "dbscan") -> None:
         """Batch: scikit-learn DBSCAN over every usable face, people derived from scratch.
 
         The reference for the incremental engine and a repair tool; ids stay stable.
+        ``algorithm``: another batch method to compare with (:mod:`organizer.methods`); its result
+        is stored as stale, so the next update (the service's start) derives DBSCAN's people again.
         """
         faces = self.store.usable_encodings(self.min_size, self.min_sharpness)
         t0 = time.monotonic()
-        labels = batch_labels(faces.encodings, self.cfg.eps, self.cfg.min_samples)
-        log.info("batch DBSCAN (scikit-learn) over %d faces: %d clusters in %.1f s", len(faces),
+        labels = cluster_labels(algorithm, faces.encodings, self.cfg)
+        log.info("batch %s over %d faces: %d clusters in %.1f s", algorithm, len(faces),
                  len(set(labels.tolist()) - {-1}), time.monotonic() - t0)
         clusters = {int(lab): faces.ids[labels == lab].tolist() for lab in np.unique(labels) if lab >= 0}
         self._meta = self._meta_of(faces)
-        self._derive(self._new_people(), Neighbours(faces.ids, faces.encodings), clusters,
-                     previous=self.store.cluster_assignments())
+        self._constraints = Constraints(self.store)
+        self._derive(self._new_people(refined(algorithm)), Neighbours(faces.ids, faces.encodings), clusters,
+                     previous=self._raw_previous(),
+                     fingerprint=None if algorithm == "dbscan" else f"method:{algorithm}")
         self._engine = None  # the incremental state is rebuilt from the store on next use
         self._people = None
 
@@ -137,12 +144,38 @@ class Clustering:
         self._people = self._new_people()
         if self.store.clustering_clean(self.fingerprint()):
             t0 = time.monotonic()
-            reused = self._people.load(self.store.saved_assignments(), self._meta, self._engine,
+            # the people layer resumes from its own decisions, not the corrected ones
+            reused = self._people.load(self.store.raw_assignments(), self._meta, self._engine,
                                        near=load_arrays(self.people_state_path))
             log.info("people loaded from the store in %.1f s (nearest faces %s)", time.monotonic() - t0,
                      "from the saved state" if reused else "recomputed")
+            self._constraints = Constraints(self.store)
+            self._constraints.load(self.store.cluster_assignments(), self.store.auto_assignments())
+            # corrections made while nothing held the engine (the CLI, the folders at start-up)
+            self._apply_groups(self._constraints.affected_groups(self._people.cid))
             return
-        self._derive(self._people, self._engine, self._engine.clusters(), previous=self.store.cluster_assignments())
+        self._constraints = Constraints(self.store)
+        self._derive(self._people, self._engine, self._engine.clusters(), previous=self._raw_previous())
+
+    def _raw_previous(self) -> dict[int, int | None]:
+        """Each face's person as the people layer last decided it (ids are matched to these)."""
+        return {f: a.cluster_id for f, a in self.store.raw_assignments().items()}
+
+    def apply_corrections(self) -> bool:
+        """Re-read the user's corrections and redo the people they touch (after one was recorded,
+        by this process or another). True if anything had to be redone."""
+        if self._engine is None:
+            self._start()  # applies the corrections as they are now
+            return True
+        groups = self._constraints.reload_rules(self._people.cid)
+        if groups is None:
+            return False
+        self._apply_groups(groups)
+        return True
+
+    def _apply_groups(self, groups) -> None:
+        self._store(ClusterResult(next_id=self.store.next_cluster_id()), self._people, self._engine, full=False,
+                    groups=groups)
 
     def _load_engine(self, faces: FaceVectors) -> IncrementalDBSCAN:
         """The engine for the store's faces: the saved state brought up to date (faces added or
@@ -170,8 +203,8 @@ class Clustering:
         return eng
 
     # ---- deriving and storing people -----------------------------------------------------------
-    def _new_people(self) -> People:
-        return People(self.cfg, average_linkage_split if self.cfg.linkage_threshold > 0 else None)
+    def _new_people(self, refine: bool = True) -> People:
+        return People(self.cfg, average_linkage_split if refine and self.cfg.linkage_threshold > 0 else None)
 
     @staticmethod
     def _meta_of(faces: FaceVectors) -> dict[int, tuple[str, float]]:
@@ -179,16 +212,23 @@ class Clustering:
                 for i, f in enumerate(faces.ids.tolist())}
 
     def _derive(self, people: People, index: IncrementalDBSCAN | Neighbours, clusters: dict[int, list[int]],
-                previous: dict[int, int | None] | None = None, changes: FaceChanges | None = None) -> None:
-        """Derive people for ``clusters`` (all of them without ``changes``) and store the result."""
+                previous: dict[int, int | None] | None = None, changes: FaceChanges | None = None,
+                fingerprint: str | None = None) -> None:
+        """Derive people for ``clusters`` (all of them without ``changes``) and store the result
+        (``fingerprint``: of what made it, by default the current settings')."""
         meta = self._meta
         result = people.derive(clusters, index, photo=lambda f: meta[f][0], quality=lambda f: meta[f][1],
                                next_id=self.store.next_cluster_id(), previous=previous, changes=changes)
-        self._store(result, people, index, full=changes is None)
+        self._store(result, people, index, full=changes is None, fingerprint=fingerprint)
 
-    def _store(self, result: ClusterResult, people: People, index, full: bool) -> None:
+    def _store(self, result: ClusterResult, people: People, index, full: bool, groups=(),
+               fingerprint: str | None = None) -> None:
         """Store a clustering result, plus doubt for faces too small or blurred to cluster (their
-        hint: the person of their nearest face within eps)."""
+        hint: the person of their nearest face within eps). The user's corrections are applied to
+        the result first (:class:`~organizer.constraints.Constraints`; ``groups``: raw groups to
+        redo besides those the result touched)."""
+        meta = self._meta
+        result, auto = self._constraints.apply(result, people, index.vectors, lambda f: meta[f][1], full, groups)
         assignments = {
             f: FaceClustering(a.cluster_id, a.doubtful, a.reason, a.nearest_cluster)
             for f, a in result.assignments.items()
@@ -200,6 +240,14 @@ class Clustering:
             near, dist = index.within(enc, self.cfg.eps)
             best = sorted((dd, cid[g]) for g, dd in zip(near.tolist(), dist.tolist()) if cid.get(g) is not None)
             assignments[f] = FaceClustering(None, True, REASON_UNUSABLE, best[0][1] if best else None)
-        self.store.save_clustering(
-            assignments, result.clusters, result.removed, result.next_id, full=full, fingerprint=self.fingerprint()
-        )
+        rules = self._constraints.rules
+        for f in [f for f in rules.faces() if f not in cid]:  # too small to cluster, placed by the user
+            p = rules.resolve(rules.anchor.get(f))
+            assignments[f] = (FaceClustering(p, False, None, p) if p is not None
+                              else FaceClustering(None, True, REASON_UNUSABLE, None))
+        with self.store.db.atomic():
+            self.store.save_clustering(
+                assignments, result.clusters, result.removed, result.next_id, full=full,
+                fingerprint=fingerprint or self.fingerprint()
+            )
+            self.store.save_corrected(auto)

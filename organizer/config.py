@@ -5,11 +5,13 @@ Every problem in a config file is reported at once, each with its key path (``cl
 
 from __future__ import annotations
 
+import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 
 class ConfigError(Exception):
@@ -68,6 +70,17 @@ class ServiceConfig(_Section):
     scheduler: str | None = Field(None, description="dask scheduler address (tcp://host:8786); none = a local cluster")
     polling: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    max_forget_share: float = Field(
+        0.5, ge=0, le=1,
+        description="a scan that would forget more than this share of the known photos at once forgets none",
+    )
+
+
+class WebConfig(_Section):
+    host: str = Field("127.0.0.1", description="address the review page listens on (another one is reachable from the network)")
+    port: int = Field(8765, ge=0, le=65535)
+    # a SecretStr: `organizer config check` and logs show it as stars
+    password: SecretStr | None = Field(None, min_length=8, description="guard the page with this password instead of a random token")
 
 
 class Settings(_Section):
@@ -75,6 +88,7 @@ class Settings(_Section):
     detection: DetectionConfig = DetectionConfig()
     clustering: ClusteringConfig = ClusteringConfig()
     service: ServiceConfig = ServiceConfig()
+    web: WebConfig = WebConfig()
 
     @model_validator(mode="after")
     def _paths_apart(self) -> "Settings":
@@ -125,8 +139,44 @@ def _validate(data: dict[str, Any], source: str | None) -> Settings:
         raise ConfigError([_format(e) for e in exc.errors()], source) from None
 
 
+_VAR = re.compile(r"\$(\w+|\{[^}]*\})")
+
+
+def resolve_path(value: str, base: Path, key: str) -> str:
+    """A path as the user wrote it -> an absolute one: ``~`` / ``~user`` and ``$VAR`` / ``${VAR}``
+    expanded (the shell does not do it in a config file, nor after ``--watch=``), then a relative
+    path taken from ``base`` (the config file's folder, or the current folder for flags). Symlinks
+    are kept as written. An unset variable or an unknown home is an error, not a literal folder."""
+    text = os.path.expanduser(os.path.expandvars(str(value)))
+    unset = _VAR.search(text)
+    if unset:
+        raise ValueError(f"{key}: the environment variable {unset.group(0)} in {value!r} is not set")
+    if text.startswith("~"):
+        raise ValueError(f"{key}: cannot expand {value!r} (no such user, or HOME is not set)")
+    return os.path.abspath(os.path.join(base, text))
+
+
+def _resolve_paths(data: dict[str, Any], base: Path, keys, source: str | None) -> None:
+    paths = data.get("paths")
+    if not isinstance(paths, dict):
+        return
+    errors = []
+    for key in keys:
+        value = paths.get(key)
+        if isinstance(value, str) and value:
+            try:
+                paths[key] = resolve_path(value, base, f"paths.{key}")
+            except ValueError as exc:
+                errors.append(str(exc))
+    if errors:
+        raise ConfigError(errors, source)
+
+
 def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
-    """Read ``path`` (TOML) if given, apply ``overrides`` ({"paths.watch": ...}), validate."""
+    """Read ``path`` (TOML) if given, apply ``overrides`` ({"paths.watch": ...}), validate.
+
+    Paths come out absolute (:func:`resolve_path`): relative ones in the file are taken from the
+    file's folder (a service's current folder is ``/``), relative flags from the current folder."""
     data: dict[str, Any] = {}
     source = str(path) if path else None
     if path is not None:
@@ -139,7 +189,9 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
             raise ConfigError([f"cannot read config file: {exc}"], source) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([f"not valid TOML: {exc}"], source) from None
-    for dotted, value in (overrides or {}).items():
+        _resolve_paths(data, Path(os.path.abspath(path)).parent, ("watch", "output", "db"), source)
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    for dotted, value in flags.items():
         if value is None:
             continue
         node = data
@@ -149,4 +201,5 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
             if not isinstance(node, dict):
                 raise ConfigError([f"{part}: expected a table"], source)
         node[leaf] = value
+    _resolve_paths(data, Path.cwd(), [k.split(".", 1)[1] for k in flags if k.startswith("paths.")], source)
     return _validate(data, source)

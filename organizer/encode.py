@@ -14,7 +14,7 @@ import multiprocessing
 import os
 import stat
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -379,12 +379,13 @@ class EncoderPool:
             for fut in loading:
                 fut.add_done_callback(lambda f: f.exception())  # a failure shows with the first photo
 
-    def prefetch(self, paths: Iterable[Path], readable: Callable[[Path], bool]) -> None:
+    def prefetch(self, paths: Iterable[Path]) -> None:
         """Start encoding ``paths`` now, before map() asks for them: the workers keep busy while the
-        caller commits results and updates the tree. Only paths ``readable(path)`` accepts are
-        read (the caller's rules: symlinks out of the watched folder, FIFOs, ...). map() uses such
-        a result only if the file's size and mtime are unchanged since; one no later map() asked
-        for (e.g. a duplicate) is dropped after the next call to map()."""
+        caller commits results and updates the tree. The caller passes only paths its rules let
+        the workers read (check_readable: no symlink out of the watched folder, no FIFO); anything
+        but a regular file is skipped here too. map() uses such a result only if the file's size
+        and mtime are unchanged since; one no later map() asked for (e.g. a duplicate) is dropped
+        after the next call to map()."""
         if self.workers <= 0:
             return
         pool = self._ensure_pool()
@@ -394,7 +395,7 @@ class EncoderPool:
             if path in self._ahead:
                 continue
             sig = _signature(path)
-            if sig is not None and readable(path):
+            if sig is not None:
                 self._ahead[path] = (pool.submit(analyze_photo, path, self.settings), sig, self._round)
 
     def _take_ahead(self, path: Path) -> cf.Future | None:
@@ -495,3 +496,14 @@ class EncoderPool:
 def check_models() -> None:
     """Raise EncoderUnavailable unless the models load (`organizer run` at start-up; in each worker at EncoderPool.start)."""
     _face_recognition()
+
+
+def chinese_whispers(enc: np.ndarray, threshold: float) -> np.ndarray:
+    """dlib's chinese whispers graph clustering (faces closer than ``threshold`` are linked):
+    one label per encoding. Here because this is the only module that imports dlib."""
+    import dlib  # noqa: PLC0415
+
+    if len(enc) == 0:
+        return np.zeros(0, dtype=int)
+    labels = dlib.chinese_whispers_clustering([dlib.vector(row.tolist()) for row in enc], float(threshold))
+    return np.asarray(labels, dtype=int)

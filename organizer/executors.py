@@ -108,7 +108,7 @@ class DaskEncoder:
                 self._client = Client(self._cluster)
         return self._client
 
-    def prefetch(self, paths: Iterable[Path], readable=None) -> None:
+    def prefetch(self, paths: Iterable[Path]) -> None:
         """Accepted for the local pool's interface; the cluster works on what map() submits."""
 
     def map(self, paths: Iterable[Path]) -> Iterator[PhotoResult]:

@@ -82,17 +82,21 @@ def _inside(path: Path, roots: Iterable[Path]) -> bool:
     return False
 
 
-def discover(watch: Path, exclude: Iterable[Path] = (), unreadable: list[Path] | None = None) -> Iterator[Path]:
-    """Yield every candidate photo under ``watch`` (recursively, sorted, absolute paths).
+def discover(root: Path, layout=None, unreadable: list[Path] | None = None) -> Iterator[Path]:
+    """Yield every photo under ``root`` (recursively, sorted, absolute paths) that is input by
+    ``layout``'s rule (:meth:`organizer.layout.Layout.is_input`; without one, every candidate
+    photo not in a hidden folder -- only for tools and tests).
 
-    Directory symlinks are not followed (no loops, no escaping the watched tree); hidden
-    directories and the ``exclude`` folders (the output tree, the db folder) are skipped.
-    File symlinks are yielded; :func:`check_readable` decides whether they may be read.
-    Folders that cannot be listed (permissions, I/O errors) are logged and appended to
-    ``unreadable``: their photos are not gone, only out of reach for now.
+    Directory symlinks are not followed (no loops, no escaping the watched tree); folders that
+    are not input are not entered. File symlinks are yielded; :func:`check_readable` decides
+    whether they may be read. Folders that cannot be listed (permissions, I/O errors) are logged
+    and appended to ``unreadable``: their photos are not gone, only out of reach for now.
     """
-    watch = Path(os.path.abspath(watch))
-    excluded = [Path(os.path.abspath(p)) for p in exclude]
+    root = Path(os.path.abspath(root))
+    if layout is None:
+        from .layout import Layout
+
+        layout = Layout(root, root / ".organizer", root / ".organizer" / "organizer.db")
 
     def report(exc: OSError) -> None:
         log.warning("cannot list folder %s: %s (its photos are skipped for now)",
@@ -100,14 +104,14 @@ def discover(watch: Path, exclude: Iterable[Path] = (), unreadable: list[Path] |
         if unreadable is not None and exc.filename:
             unreadable.append(Path(os.fsdecode(exc.filename)))
 
-    for dirpath, dirnames, filenames in os.walk(watch, followlinks=False, onerror=report):
+    if not layout.is_input(root, is_dir=True):
+        return
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=report):
         here = Path(dirpath)
-        dirnames[:] = sorted(
-            d for d in dirnames if not d.startswith(".") and not _inside(here / d, excluded)
-        )
+        dirnames[:] = sorted(d for d in dirnames if layout.is_input(here / d, is_dir=True))
         for name in sorted(filenames):
             path = here / name
-            if is_candidate(path) and not _inside(path, excluded):
+            if layout.is_input(path):
                 yield path
 
 
@@ -168,6 +172,25 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im
 
 
+def open_regular(path: Path | BinaryIO) -> BinaryIO:
+    """``path`` opened for reading, refusing anything but a regular file. A named pipe (or a
+    device) would block every reader forever, and a reader in a worker process may meet one the
+    parent never checked (a photo encoded ahead of time, a file swapped since): the open does not
+    wait (O_NONBLOCK) and the check is on the opened file itself. A file object is returned as is."""
+    if not isinstance(path, (str, os.PathLike)):
+        return path
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise IngestError(VANISHED) from None
+    except OSError as exc:
+        raise IngestError(f"cannot open file: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise IngestError("not a regular file")
+    return os.fdopen(fd, "rb")
+
+
 def load_for_detection(path: Path | BinaryIO, max_side: int, max_pixels: int) -> Prepared:
     """Decode ``path`` (a file name, or a binary file object holding the photo's bytes) to RGB with EXIF orientation applied, downscaled so its longer side <= max_side.
 
@@ -175,12 +198,12 @@ def load_for_detection(path: Path | BinaryIO, max_side: int, max_pixels: int) ->
     (decompression bombs), and truncated or unidentifiable files.
     """
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), open_regular(path) as fh:  # closed once decoded
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             # PIL warns (to stderr, outside our log format) about corrupt EXIF blocks; a broken
             # EXIF block is handled below by using the image as stored.
             warnings.simplefilter("ignore", UserWarning)
-            im = Image.open(path)
+            im = Image.open(fh)
             im.seek(0)  # first frame of animated GIF/WebP
             w, h = im.size
             if w <= 0 or h <= 0:
@@ -230,6 +253,11 @@ def load_for_detection(path: Path | BinaryIO, max_side: int, max_pixels: int) ->
     return Prepared(pixels=pixels, scale=scale, width=full_w, height=full_h)
 
 
+def open_upright(path: Path, max_pixels: int) -> Image.Image:
+    """Full-size RGB image with EXIF orientation applied (degraded copies for `evaluate --perturb`)."""
+    return Image.fromarray(load_for_detection(path, 1 << 30, max_pixels).pixels, "RGB")
+
+
 def upright_crop(path: Path, box: tuple[int, int, int, int], size: int, max_pixels: int) -> Image.Image:
     """The region ``box`` (left, top, right, bottom in upright full-size pixels, clipped to the
     photo) as RGB, scaled down to at most ``size`` on its longer side (face crops in the output).
@@ -239,7 +267,7 @@ def upright_crop(path: Path, box: tuple[int, int, int, int], size: int, max_pixe
     left, top, right, bottom = box
     side = 1 << 30
     try:
-        with Image.open(path) as im:  # the header only: the stored size (its long side is the upright one's)
+        with open_regular(path) as fh, Image.open(fh) as im:  # the header only: the stored size (its long side is the upright one's)
             long_side = max(im.size)
         want = long_side * size / max(right - left, bottom - top, 1)
         # the smallest draft scale (1/8 .. 1/1) that still gives the crop ``size`` pixels, and no resize after it

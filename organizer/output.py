@@ -5,6 +5,7 @@ Layout::
     <output>/cluster_<id>/ or <output>/<name>/   links to the person's photos + representative.jpg
     <output>/doubtful/                           photos with a face it could not place
     <output>/doubtful/faces/                     one crop per doubtful face, named after its nearest person
+    <output>/<person or doubtful>/montage.jpg    a contact sheet of the folder's faces (organizer.montage)
 
 The organizer keeps a manifest (in the store) of every entry it created, and only ever creates,
 replaces or deletes entries in that manifest: files people add to the tree are left alone.
@@ -20,11 +21,13 @@ import logging
 import os
 import re
 import shutil
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
 
+from . import montage
 from .ingest import IngestError, upright_crop
 from .store import OUTPUT_ERRORS, Store
 
@@ -41,6 +44,12 @@ class ReconcileReport:
     created: int = 0
     removed: int = 0
     errors: list[str] = field(default_factory=list)
+    reasons: dict[str, int] = field(default_factory=dict)  # why an entry failed -> how many
+    wanted: int = 0  # entries the tree should hold
+
+    def failed(self, message: str, reason: str) -> None:
+        self.errors.append(message)
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
 
 
 def folder_name(cluster_id: int, name: str | None) -> str:
@@ -100,23 +109,31 @@ def desired_tree(store: Store, manifest: dict[str, tuple[str, str]]) -> dict[str
     what it holds, whose names are kept).
 
     kind "link": source is the original photo's path; kind "crop": source is
-    "<face id>|<photo path>|<top>,<right>,<bottom>,<left>".
+    "<face id>|<photo path>|<top>,<right>,<bottom>,<left>"; kind "montage": see organizer.montage.
     """
-    clusters = {c["id"]: c for c in store.clusters()}
+    hidden = store.hidden_people()  # hidden by the user: no folder, their faces go nowhere
+    clusters = {c["id"]: c for c in store.clusters() if c["id"] not in hidden}
     folder = {cid: folder_name(cid, c["name"]) for cid, c in clusters.items()}
     faces = {f.id: f for f in store.faces()}
     wanted: dict[str, dict[str, None]] = defaultdict(dict)  # folder -> photo paths (ordered, unique)
-    doubtful_faces: list[tuple[str, int]] = []
-    for path, face_id, _sha in store.photos_of_faces():
+    doubtful_faces: dict[int, str] = {}  # face id -> its photo's first name
+    path_of: dict[int, str] = {}  # face -> the first path of its photo (for montages)
+    # identical files (one content, several names) get one link per folder, under the first name
+    # in path order (the name the representative crop is made from too)
+    linked: set[tuple[str, str]] = set()  # (folder, sha256)
+    for path, face_id, sha in store.photos_of_faces():
         f = faces[face_id]
+        path_of.setdefault(face_id, path)
         if f.cluster_id is not None and not f.doubtful and f.cluster_id in folder:
             target = folder[f.cluster_id]
-        elif f.doubtful:
+        elif f.doubtful and f.cluster_id not in hidden:
             target = DOUBTFUL
-            doubtful_faces.append((path, face_id))
+            doubtful_faces.setdefault(face_id, path)
         else:
             continue
-        wanted[target][path] = None
+        if (target, sha) not in linked or path in wanted[target]:
+            linked.add((target, sha))
+            wanted[target][path] = None
 
     tree: dict[str, tuple[str, str]] = {}
     # keep names the manifest already gave a source, so existing links never get renamed
@@ -126,7 +143,7 @@ def desired_tree(store: Store, manifest: dict[str, tuple[str, str]]) -> dict[str
             folder_of, _, name = relpath.rpartition("/")
             previous[(folder_of, source)] = name
     for dirname, paths in wanted.items():
-        taken = {REPRESENTATIVE}
+        taken = {REPRESENTATIVE, montage.MONTAGE}
         if dirname == DOUBTFUL:
             taken.add("faces")
         assigned: dict[str, str] = {}
@@ -149,8 +166,9 @@ def desired_tree(store: Store, manifest: dict[str, tuple[str, str]]) -> dict[str
         if rep and path and wanted.get(folder[cid]):  # no folder for a group with no confident photo
             tree[f"{folder[cid]}/{REPRESENTATIVE}"] = ("crop", _crop_source(rep, path))
 
+    tree.update(montage.entries(store, faces, folder, path_of, {d for d, p in wanted.items() if p}, DOUBTFUL))
     crop_taken: set[str] = set()
-    for path, face_id in doubtful_faces:
+    for face_id, path in doubtful_faces.items():
         f = faces[face_id]
         near = f.nearest_cluster
         near_name = _fit(folder.get(near, "nobody") if near is not None else "nobody", limit=100)
@@ -176,7 +194,7 @@ def _ident(dst: Path) -> str:
 def _adoptable(dst: Path, kind: str, source: str) -> bool:
     """An entry we intended but whose creation was not confirmed (crash): is it what we made?"""
     try:
-        if kind == "crop":
+        if kind in ("crop", montage.KIND):
             return dst.is_file() and not dst.is_symlink()
         if dst.is_symlink():
             return os.readlink(dst) == source
@@ -193,13 +211,21 @@ def _is_ours(dst: Path, ident: str | None) -> bool:
         return False
 
 
-def _write_crop(source: str, dst: Path, max_pixels: int) -> None:
-    # "<face id>|<path>|<box>": the path itself may hold "|"
-    path, box = source.split("|", 1)[1].rsplit("|", 1)
-    top, right, bottom, left = (int(v) for v in box.split(","))
-    h, w = bottom - top, right - left
-    m = int(max(h, w) * CROP_MARGIN)
-    crop = upright_crop(Path(path), (left - m, top - m, right + m, bottom + m), CROP_SIZE, max_pixels)
+def face_crop(path: Path, box: tuple[int, int, int, int], max_pixels: int, size: int = CROP_SIZE) -> Image.Image:
+    """The face at ``box`` (top, right, bottom, left) with a margin, at most ``size`` pixels
+    (decoded only at the resolution it needs)."""
+    top, right, bottom, left = box
+    m = int(max(bottom - top, right - left) * CROP_MARGIN)
+    return upright_crop(Path(path), (left - m, top - m, right + m, bottom + m), size, max_pixels)
+
+
+def _write_crop(source: str, dst: Path, max_pixels: int, kind: str = "crop") -> None:
+    if kind == montage.KIND:
+        crop = montage.render(source, max_pixels)
+    else:
+        # "<face id>|<path>|<box>": the path itself may hold "|"
+        path, box = source.split("|", 1)[1].rsplit("|", 1)
+        crop = face_crop(Path(path), tuple(int(v) for v in box.split(",")), max_pixels)
     tmp = dst.with_name(f".{dst.name}.tmp")
     try:
         crop.save(tmp, "JPEG", quality=90)
@@ -268,7 +294,7 @@ def _remember_errors(store: Store, errors: list[str]) -> None:
 
 
 def reconcile(store: Store, output: Path, link_mode: str = "hardlink", max_pixels: int = 100_000_000,
-              verify: bool = True) -> ReconcileReport:
+              verify: bool = True, logged: set[str] | None = None) -> ReconcileReport:
     """Bring ``output`` in line with the store, touching only entries the organizer created.
 
     ``verify``: also check on disk that every entry made earlier is still there and still ours
@@ -276,11 +302,15 @@ def reconcile(store: Store, output: Path, link_mode: str = "hardlink", max_pixel
     service after each batch) an entry the manifest records as made, for the same source, is
     trusted: the cost is one pass over the store's rows plus what changed, not a stat of every
     entry of the tree (bench_output.py). Scans, the start and the periodic rescan verify.
+
+    ``logged``: errors already logged in this update (the caller's set, updated here): an entry
+    that fails again in the next batch is not logged again; one that fails anew is.
     """
     output = Path(output)
     report = ReconcileReport()
     manifest, idents = store.manifest()
     desired = desired_tree(store, manifest)
+    report.wanted = len(desired)
 
     # 1. forget and delete entries that are no longer wanted (or whose source changed)
     stale = [rp for rp, entry in manifest.items() if desired.get(rp) != entry]
@@ -296,7 +326,7 @@ def reconcile(store: Store, output: Path, link_mode: str = "hardlink", max_pixel
                 else:
                     log.warning("leaving %s alone: it was changed by someone else", dst)
         except OSError as exc:
-            report.errors.append(f"cannot remove {dst}: {exc.strerror}")
+            report.failed(f"cannot remove {dst}: {exc.strerror}", exc.strerror or str(exc))
             continue
         store.manifest_remove(relpath)
         manifest.pop(relpath)
@@ -331,17 +361,21 @@ def reconcile(store: Store, output: Path, link_mode: str = "hardlink", max_pixel
             if kind == "link":
                 _place_link(source, dst, link_mode)
             else:
-                _write_crop(source, dst, max_pixels)
+                _write_crop(source, dst, max_pixels, kind)
             store.manifest_set_ident(relpath, _ident(dst))
             report.created += 1
         except FileNotFoundError:
             # the original vanished since the last scan; the watcher will drop it from the store
-            report.errors.append(f"source of {relpath} is gone")
+            report.failed(f"source of {relpath} is gone", "the original is gone")
         except (OSError, IngestError) as exc:
             msg = getattr(exc, "strerror", None) or str(exc)
-            report.errors.append(f"cannot create {dst}: {msg}")
+            report.failed(f"cannot create {dst}: {msg}", msg)
     for err in report.errors:
-        log.error("output: %s", err)
+        if logged is None or err not in logged:
+            log.error("output: %s", err)
+    if logged is not None:
+        logged.clear()
+        logged.update(report.errors)
     _remember_errors(store, report.errors)
     log.debug("reconciled %s: %d created, %d removed, %d errors", output, report.created, report.removed,
               len(report.errors))
@@ -357,3 +391,48 @@ def reconcile(store: Store, output: Path, link_mode: str = "hardlink", max_pixel
         except OSError:
             pass
     return report
+
+
+class FolderEvents:
+    """Logs at INFO when a person folder is created, renamed, merged into another, split off
+    another or removed, so the journal tells why the tree changed. Face assignments are read only
+    when the set of people or their names changed (not on every batch)."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._folders: dict[int, str] | None = None
+        self._assign: dict[int, int | None] = {}
+
+    def _now(self) -> dict[int, str]:
+        names = {c["id"]: c["name"] for c in self.store.clusters()}
+        return {p["id"]: folder_name(p["id"], names.get(p["id"])) for p in self.store.people_summary()}
+
+    def update(self) -> None:
+        folders = self._now()
+        if self._folders is None:  # start-up: what is there now is the baseline
+            self._folders, self._assign = folders, self.store.cluster_assignments()
+            return
+        if folders == self._folders:
+            return
+        before, old = self._folders, self._assign
+        assign = self.store.cluster_assignments()
+        faces_of: dict[int, list[int]] = defaultdict(list)
+        for f, c in old.items():
+            if c is not None:
+                faces_of[c].append(f)
+        for cid in sorted(set(folders) & set(before)):
+            if folders[cid] != before[cid]:
+                log.info("person folder renamed: %s -> %s", before[cid], folders[cid])
+        for cid in sorted(set(before) - set(folders)):
+            went = Counter(assign.get(f) for f in faces_of.get(cid, ()) if assign.get(f) in folders)
+            if went:
+                log.info("person folder %s merged into %s", before[cid], folders[went.most_common(1)[0][0]])
+            else:
+                log.info("person folder removed: %s (its photos are gone or doubtful)", before[cid])
+        for cid in sorted(set(folders) - set(before)):
+            came = Counter(old.get(f) for f, c in assign.items() if c == cid and old.get(f) in before)
+            if came:
+                log.info("person folder %s split off %s", folders[cid], before[came.most_common(1)[0][0]])
+            else:
+                log.info("person folder created: %s", folders[cid])
+        self._folders, self._assign = folders, assign

@@ -17,12 +17,23 @@ from .clustering import Clustering
 from .config import Settings
 from .encode import encoder_id
 from .executors import make_encoder
-from .ingest import IngestError, check_readable, discover, is_candidate, sha256_file
-from .output import reconcile
+from .ingest import IngestError, check_readable, discover, sha256_file
+from .layout import Layout, WatchState
+from .output import FolderEvents, reconcile
 from .reencode import EncodingUpgrade
 from .store import PhotoFile, Store
 
 log = logging.getLogger(__name__)
+
+# Decode failures that a file still being written also gives (a copy paused mid-file).
+MAYBE_INCOMPLETE = ("empty file", "truncated", "not a recognised image format", "cannot decode image",
+                    "file disappeared")
+
+
+def growing_grace(settle_seconds: float) -> float:
+    """How long after its last change an incomplete-looking file is still taken for one being
+    copied (and retried) rather than recorded as broken."""
+    return max(60.0, 20 * settle_seconds)
 
 # Inside a batch the folders are updated as photos finish, at most every this many seconds and
 # every PARTIAL_REFRESH_SHARE times the last update's cost: the writer spends at most ~1/5 of its
@@ -42,6 +53,15 @@ class ScanReport:
     failed: int = 0
     removed: int = 0
     unsettled: list[Path] = field(default_factory=list)
+    # (path, size, mtime as read) of recent files that read as incomplete: a copy that paused
+    # longer than the settle time; the service holds them until they change (or age)
+    incomplete: list[tuple[Path, int, float]] = field(default_factory=list)
+    # photos a scan would have forgotten but did not: more than service.max_forget_share of the
+    # library at once (see Organizer.scan), or the watched folder was not available
+    kept: int = 0
+    unavailable: WatchState | None = None
+    tree_failed: int = 0  # output entries that could not be made or removed at the end
+    tree_reasons: dict[str, int] = field(default_factory=dict)  # why (strerror) -> how many
 
 
 def has_entries(folder: Path) -> bool:
@@ -69,6 +89,12 @@ class Organizer:
         self._retry_failed = True  # failed files are retried once per start-up
         self.clustering = Clustering(store, settings, encoder_id(self.encoder.settings))
         self.encodings = EncodingUpgrade(store, self.encoder, self.watch, on_done=self.clustering.discard_state)
+        self.layout = Layout(self.watch, self.output, Path(os.path.abspath(store.path)))
+        self.last_tree = None  # the last ReconcileReport
+        self._tree_logged: set[str] = set()  # output errors already logged in this update
+        self._witnessed: set[str] = set()  # paths the watcher saw go while the folder was unavailable
+        self._folder_events = FolderEvents(store)
+        self._folder_events.update()  # the baseline: what the tree holds at the start
         self._refreshed_at, self._refresh_cost = time.monotonic(), 0.0  # see PARTIAL_REFRESH_SECONDS
 
     def close(self) -> None:
@@ -76,39 +102,38 @@ class Organizer:
         self.encoder.close()
 
     # ---- discovery -------------------------------------------------------------------------
-    def excluded(self) -> list[Path]:
-        """Folders under the watched tree the organizer must never read as input."""
-        return [self.output, Path(os.path.abspath(self.store.path)).parent]
-
     def scan(
         self,
         progress: Progress | None = None,
         stop: Callable[[], bool] = lambda: False,
         settle_seconds: float = 0.0,
+        forget_anyway: bool = False,
     ) -> ScanReport:
         """Full pass: process new/changed photos, forget vanished ones, update the tree.
 
         Files modified less than ``settle_seconds`` ago are not processed but returned in
-        ``report.unsettled`` (the service hands them to its settler).
+        ``report.unsettled`` (the service hands them to its settler). Nothing is forgotten when
+        the watched folder is not available (``report.unavailable``), nor when more than
+        ``service.max_forget_share`` of the known photos would go at once unless
+        ``forget_anyway`` (``report.kept``): a layout or mount mistake, not a deletion.
         """
         if self.watch is None:
             raise ValueError("no folder to watch: set --watch or paths.watch")
-        if not self.watch.is_dir():
-            raise FileNotFoundError(f"the watched folder {self.watch} does not exist")
+        self._tree_logged.clear()  # each failing output entry is logged once per scan
         report = ScanReport()
         known = self.store.photo_states()
-        if known and not has_entries(self.watch):
-            # an empty mount point: its disk is not mounted. Forgetting every photo would also
-            # lose every name given to a person; keep all until the folder has files again.
-            log.error("the watched folder %s is empty but the store knows %d photos in it: assuming its disk "
-                      "is not mounted, nothing is forgotten (if you really removed every photo, delete the "
-                      "store %s)", self.watch, len(known), self.store.path)
-            self.refresh()
+        state = self.layout.watch_state(bool(known))
+        if state is not WatchState.AVAILABLE:
+            if not known:
+                raise FileNotFoundError(f"the watched folder {self.watch} does not exist or cannot be listed")
+            log.error("%s", self.layout.unavailable_message(state, len(known)))
+            report.unavailable, report.kept = state, len(known)
+            self._finish(report, verify=True)
             return report
         found: list[Path] = []
         unreadable: list[Path] = []
         now = time.time()
-        for path in discover(self.watch, self.excluded(), unreadable):
+        for path in discover(self.watch, self.layout, unreadable):
             report.seen += 1
             if settle_seconds:
                 try:
@@ -123,17 +148,43 @@ class Organizer:
         # photos in a folder that could not be listed are out of reach, not gone
         hidden = tuple(str(u).rstrip(os.sep) + os.sep for u in unreadable)
         vanished = [p for p in known if p not in seen and not p.startswith(hidden)]
-        if vanished:
+        # seen going by the watcher (a sign of deletion): forgotten whatever their number
+        went = tuple(w.rstrip(os.sep) + os.sep for w in self._witnessed)
+        witnessed = [p for p in vanished if p in self._witnessed or p.startswith(went)]
+        self._witnessed.clear()
+        if witnessed:
+            self.store.remove_photos(witnessed)
+            report.removed = len(witnessed)
+            log.info("removed %d photos deleted from the watched folder", len(witnessed))
+            gone = set(witnessed)
+            vanished = [p for p in vanished if p not in gone]
+        share = self.settings.service.max_forget_share
+        if vanished and len(vanished) > share * len(known) and not forget_anyway:
+            log.error("%d of the %d photos the store knows are no longer found in %s: more than %d%% at once looks "
+                      "like a moved or unmounted folder or a changed --watch/--output/--db, not a deletion, so "
+                      "nothing is forgotten. If you did remove them, run `organizer scan --forget-anyway` "
+                      "(service.max_forget_share sets the limit)", len(vanished), len(known), self.watch,
+                      round(share * 100))
+            report.kept = len(vanished)
+        elif vanished:
             self.store.remove_photos(vanished)
-            report.removed = len(vanished)
+            report.removed += len(vanished)
             log.info("removed %d photos that are no longer in the watched folder", len(vanished))
-        self.process(found, progress=progress, stop=stop, report=report)
+        self.process(found, progress=progress, stop=stop, report=report, settle_seconds=settle_seconds)
         self._retry_failed = False
         if not stop():
             # also when nothing changed: finishes an update a crash interrupted and puts back
             # links someone deleted by hand (only the organizer's own entries)
-            self.refresh()
+            self._finish(report, verify=True)
         return report
+
+    def _finish(self, report: ScanReport, verify: bool) -> None:
+        """Update clusters and the tree; the tree's failures go into ``report``."""
+        self.refresh(verify)
+        tree = self.last_tree
+        if tree is not None:
+            report.tree_failed = len(tree.errors)
+            report.tree_reasons = dict(getattr(tree, "reasons", {}) or {})
 
     # ---- processing ------------------------------------------------------------------------
     def process(
@@ -142,16 +193,21 @@ class Organizer:
         progress: Progress | None = None,
         stop: Callable[[], bool] = lambda: False,
         report: ScanReport | None = None,
+        settle_seconds: float = 0.0,
     ) -> ScanReport:
-        """Process candidate photos (new or changed ones; known unchanged ones are skipped).
+        """Process photos (new or changed ones; known unchanged ones, and paths that are not input
+        by :meth:`Layout.is_input`, are skipped).
 
         Results are committed photo by photo as they arrive, clusters and the output tree once
-        per batch. ``stop()`` is checked between batches: the current batch is always finished.
+        per batch. ``stop()`` is checked between photos: the photos being encoded are finished
+        and committed, the rest is left for the next run. With ``settle_seconds`` (the service),
+        a recently written file that reads as incomplete is not a failure but is handed back in
+        ``report.unsettled`` (a slow copy that paused longer than the settle time).
         """
         report = report or ScanReport()
         if not self.upgrade_encodings(stop):  # before new faces join the old ones
             return report
-        paths = [p for p in (Path(os.path.abspath(p)) for p in paths) if is_candidate(p)]
+        paths = [p for p in (Path(os.path.abspath(p)) for p in paths) if self.layout.is_input(p)]
         known = self.store.photo_states(str(p) for p in paths)
         todo = []
         for path in paths:
@@ -166,36 +222,57 @@ class Organizer:
             todo.append(path)
         report.new += len(todo)
         total = len(todo)
-        done = 0
+        done = [0]
         if progress:
             progress(0, total)
+
+        def tick() -> None:
+            done[0] += 1
+            if progress:
+                progress(done[0], total)
+
         batch_size = self.settings.service.batch_size
         for start in range(0, total, batch_size):
             if stop():
-                log.info("stop requested: %d photos left for the next run", total - done)
                 break
             batch = todo[start : start + batch_size]
             # the next batch too: the workers encode it while this one is committed and the tree updated
-            self.encoder.prefetch(todo[start : start + 2 * batch_size], self._readable)
-            self._process_batch(batch, report, lambda: progress and progress(done + 1, total))
-            done += len(batch)
-            if progress:
-                progress(done, total)
+            self.encoder.prefetch(self._encodable(todo[start : start + 2 * batch_size]))
+            self._process_batch(batch, report, tick, stop, settle_seconds)
             self.refresh(verify=False)  # a scan verifies the whole tree once at its end
+        if done[0] < total:
+            log.info("stop requested: %d photos left for the next run", total - done[0])
         return report
 
-    def _process_batch(self, batch: list[Path], report: ScanReport, tick) -> None:
+    def _encodable(self, paths: list[Path]) -> list[Path]:
+        """The paths that pass :func:`check_readable`: only those may reach the workers, also
+        ahead of time (a symlink out of the watched folder is never read; a FIFO never opened)."""
+        out = []
+        for path in paths:
+            try:
+                check_readable(path, self.watch or path.parent)
+            except IngestError:
+                continue  # _process_batch records why
+            out.append(path)
+        return out
+
+    def _process_batch(self, batch: list[Path], report: ScanReport, tick: Callable[[], None],
+                       stop: Callable[[], bool] = lambda: False, settle_seconds: float = 0.0) -> None:
         to_encode: dict[Path, tuple[str, int, float]] = {}
         for path in batch:
+            if stop():
+                return
             try:
                 st = check_readable(path, self.watch or path.parent)
                 sha = sha256_file(path)
             except IngestError as exc:
-                self._fail(path, str(exc), report)
+                self._fail(path, str(exc), report, settle_seconds=settle_seconds)
+                tick()
                 continue
             if self.store.known_sha(sha):
                 self.store.record_duplicate(PhotoFile(str(path), st.st_size, st.st_mtime), sha)
                 report.duplicates += 1
+                tick()
                 continue
             to_encode[path] = (sha, st.st_size, st.st_mtime)
         # identical bytes under two names in one batch: encode the first, link the rest after it
@@ -206,47 +283,71 @@ class Organizer:
                 later.append(path)
             else:
                 first_of[sha] = path
-        for result in self.encoder.map(first_of.values()):
-            sha, size, mtime = to_encode[result.path]
-            if result.error:
-                self._fail(result.path, result.error, report, size, mtime)
-                continue
-            self.store.record_encoded(PhotoFile(str(result.path), size, mtime), sha, result)
-            report.encoded += 1
-            log.info("encoded %s: %d face(s)", result.path, len(result.faces))
-            since = time.monotonic() - self._refreshed_at
-            if since >= max(PARTIAL_REFRESH_SECONDS, PARTIAL_REFRESH_SHARE * self._refresh_cost):
-                self.refresh(verify=False)  # folders update as photos finish, not only per batch
+        results = self.encoder.map(first_of.values())
+        try:
+            for result in results:
+                sha, size, mtime = to_encode[result.path]
+                if result.error:
+                    self._fail(result.path, result.error, report, size, mtime, settle_seconds)
+                else:
+                    self.store.record_encoded(PhotoFile(str(result.path), size, mtime), sha, result)
+                    report.encoded += 1
+                    log.info("encoded %s: %d face(s)", result.path, len(result.faces))
+                tick()
+                if stop():
+                    # the photos being encoded right now are dropped with the pool's queue (closing
+                    # the generator cancels what has not started); all of them are retried next time
+                    return
+                since = time.monotonic() - self._refreshed_at
+                if since >= max(PARTIAL_REFRESH_SECONDS, PARTIAL_REFRESH_SHARE * self._refresh_cost):
+                    self.refresh(verify=False)  # folders update as photos finish, not only per batch
+        finally:
+            results.close()
         for path in later:
             sha, size, mtime = to_encode[path]
             if self.store.known_sha(sha):
                 self.store.record_duplicate(PhotoFile(str(path), size, mtime), sha)
                 report.duplicates += 1
             else:
-                self._fail(path, self.store.error_of(str(first_of[sha])) or "could not be decoded", report, size, mtime)
+                self._fail(path, self.store.error_of(str(first_of[sha])) or "could not be decoded", report, size,
+                           mtime, settle_seconds)
+            tick()
 
-    def _readable(self, path: Path) -> bool:
-        """May the encoders read this file ahead of its batch (see check_readable)?"""
+    def _fail(self, path: Path, reason: str, report: ScanReport, size: int = 0, mtime: float = 0.0,
+              settle_seconds: float = 0.0) -> None:
         try:
-            check_readable(path, self.watch or path.parent)
-        except IngestError:
-            return False
-        return True
-
-    def _fail(self, path: Path, reason: str, report: ScanReport, size: int = 0, mtime: float = 0.0) -> None:
-        if not size:
-            try:
-                st = os.lstat(path)
+            st = os.lstat(path)
+            if not size:
                 size, mtime = st.st_size, st.st_mtime
-            except OSError:
-                pass
+            changed = (st.st_size, st.st_mtime) != (size, mtime)
+            recent = time.time() - st.st_mtime < growing_grace(settle_seconds)
+        except OSError:
+            changed = recent = False
+        if settle_seconds and changed:
+            # written to while it was read: still being copied. Not a failure: it settles again
+            log.debug("%s changed while it was read; trying again once it settles", path)
+            report.unsettled.append(path)
+            return
+        if settle_seconds and recent and reason.startswith(MAYBE_INCOMPLETE):
+            # a copy that paused for longer than the settle time looks like this too
+            log.debug("%s looks incomplete (%s); trying again when it changes", path, reason)
+            report.incomplete.append((path, size, mtime))
+            return
         log.warning("cannot use %s: %s", path, reason)
         self.store.record_failure(PhotoFile(str(path), size, mtime), reason)
         report.failed += 1
 
     def forget(self, paths: Iterable[Path]) -> int:
-        """Drop photos whose originals were deleted or moved away, then update the tree."""
+        """Drop photos whose originals were deleted or moved away (the watcher saw them go), then
+        update the tree. Only photos whose file is really gone from an available watched folder;
+        while it is unavailable they are remembered for the next scan."""
         known = self.store.photo_states()
+        paths = list(paths)
+        if self.layout.watch_state(bool(known)) is not WatchState.AVAILABLE:
+            # not now (the whole folder may be a disk being remounted); the rescan once it is back
+            # forgets those of them still gone, however many (a deletion was seen)
+            self._witnessed.update(str(p) for p in paths if Path(p) != self.watch)
+            return 0
         gone = [str(p) for p in paths if str(p) in known and not os.path.lexists(p)]
         # a deleted folder: forget everything under it
         for p in paths:
@@ -265,10 +366,11 @@ class Organizer:
         False if ``stop()`` interrupted it."""
         return self.encodings.run(stop)
 
-    def recluster(self) -> None:
-        """Batch DBSCAN over every usable face, people derived from scratch (ids stay stable)."""
+    def recluster(self, algorithm: str = "dbscan") -> None:
+        """Batch DBSCAN over every usable face, people derived from scratch (ids stay stable);
+        ``algorithm``: another batch method, for comparison (see :meth:`Clustering.recluster`)."""
         self.upgrade_encodings()
-        self.clustering.recluster()
+        self.clustering.recluster(algorithm)
 
     def refresh(self, verify: bool = True) -> None:
         """Update clusters (incrementally) and reconcile the output tree with the store
@@ -280,6 +382,29 @@ class Organizer:
         self._refreshed_at = time.monotonic()
         self._refresh_cost = self._refreshed_at - t0
 
-    def reconcile(self, verify: bool = True):
+    def apply_corrections(self) -> bool:
+        """Apply corrections recorded since the last update (see :meth:`Clustering.apply_corrections`)."""
+        self.upgrade_encodings()
+        return self.clustering.apply_corrections()
+
+    def read_tree_edits(self, tops=None, apply: bool = True) -> bool:
+        """Record what the user changed in the person folders (all of them, or the ``tops``
+        top-level folders) as corrections and apply them (unless not ``apply``: a recluster
+        follows); before any tree update, which would otherwise put moved links back. True if a
+        correction was made."""
+        from .tree_edits import TreeEdits
+
+        report = TreeEdits(self.store, self.output).interpret(tops)
+        if report.corrections and apply:
+            self.apply_corrections()
+        return bool(report.corrections)
+
+    def reconcile(self, verify: bool = True, tops=()):
+        """Update the tree; the user's changes in it are read first (``verify``: in every folder,
+        otherwise in the ``tops`` folders the service saw change)."""
+        self.read_tree_edits(None if verify else tops)
         s = self.settings
-        return reconcile(self.store, self.output, s.service.link_mode, s.detection.max_pixels, verify)
+        self.last_tree = reconcile(self.store, self.output, s.service.link_mode, s.detection.max_pixels, verify,
+                                   logged=self._tree_logged)
+        self._folder_events.update()
+        return self.last_tree

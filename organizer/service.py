@@ -4,10 +4,12 @@ Start-up: open the store (refusing a second instance), start the watcher, tell s
 rescan the whole folder (files added while stopped). Then loop: settled files are processed in
 batches, vanished ones forgotten, a full rescan runs every ``rescan_interval`` seconds (missed or
 overflowed events), and names set with `organizer name` are applied. Signal handlers only set a
-flag (as gunicorn does); the loop finishes the current batch, commits and exits 0.
+flag (as gunicorn does); the photos being encoded are finished and committed, the rest of the
+batch is left for the next start, and the service exits 0.
 
-A watched folder that is missing or empty while the store knows photos is taken for an unmounted
-disk: rescans pause (nothing is forgotten) until it is back. A watcher that stopped (its folder
+A watched folder that is missing on a new store is created (a first start); one that is missing,
+unlistable or empty while the store knows photos is taken for an unmounted disk: the watcher waits
+and rescans pause (nothing is forgotten) until it is back. A watcher that stopped (its folder
 was deleted or replaced) is restarted. When the store cannot be written (disk full, I/O error,
 damage) the service logs why and exits 1 without losing anything committed; systemd restarts it.
 """
@@ -19,12 +21,14 @@ import os
 import signal
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import Settings
 from .encode import EncoderUnavailable, check_models
-from .ingest import discover, is_candidate
-from .pipeline import Organizer, has_entries
+from .ingest import discover
+from .layout import Layout, WatchState
+from .pipeline import Organizer, growing_grace
 from .store import Store, StoreError
 from .storefile import unusable_message
 from .watch import Settler, Watcher
@@ -32,6 +36,8 @@ from .watch import Settler, Watcher
 log = logging.getLogger(__name__)
 
 TICK = 0.5  # seconds between checks of the event queue
+TREE_QUIET = 1.0  # seconds without changes in the person folders before they are read (a folder
+# deleted file by file, or many links moved, is read as one change, not as its first steps)
 
 
 class _Notifier:
@@ -50,16 +56,17 @@ class _Notifier:
 
 
 class Service:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, on_ready: Callable[[], None] | None = None):
         self.settings = settings
+        self.on_ready = on_ready  # called once the store is held (`run --web` then serves its page)
         self.stop_requested = False
         self.notify = _Notifier()
 
     def _on_signal(self, signum, _frame) -> None:
         if self.stop_requested:
-            log.warning("second %s: still finishing the current batch", signal.Signals(signum).name)
+            log.warning("second %s: still finishing the photos in progress", signal.Signals(signum).name)
         else:
-            log.info("%s received: finishing the current batch, then exiting", signal.Signals(signum).name)
+            log.info("%s received: finishing the photos in progress, then exiting", signal.Signals(signum).name)
         self.stop_requested = True
 
     def _stopping(self) -> bool:
@@ -69,64 +76,85 @@ class Service:
         s = self.settings
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        watch = Path(os.path.abspath(s.paths.watch))
-        if not watch.is_dir():
-            log.error("the watched folder %s does not exist", watch)
-            return 1
+        layout = Layout.of(s)
         try:
             check_models()
             store = Store.open(s.db_path)
         except (StoreError, EncoderUnavailable) as exc:
             log.error("%s", exc)
             return 1
-        org = Organizer(s, store)
-        org.encoder.start()  # workers ready before the first photo arrives (a drop is seen in seconds)
-        watcher = Watcher(watch, polling=s.service.polling)
-        settler = Settler(s.service.settle_seconds)
-        self._paused = False
+        watcher = None
+        tree = None
+        org = None
         try:
-            watcher.start()
+            org = Organizer(s, store)
+            org.encoder.start()  # workers ready before the first photo arrives (a drop is seen in seconds)
+            watch = layout.watch
+            if layout.watch_state(False) is WatchState.MISSING and not store.has_photos():
+                # a first start (README: `organizer run --watch ~/Pictures/inbox ...`): make the inbox
+                try:
+                    watch.mkdir(parents=True, exist_ok=True)
+                    log.info("created the watched folder %s (it did not exist)", watch)
+                except OSError as exc:
+                    log.error("cannot create the watched folder %s: %s", watch, exc.strerror or exc)
+                    return 1
+            settler = Settler(s.service.settle_seconds)
+            self._paused = False
+            watcher = self._start_watcher(org)
+            tree = self._start_tree_watcher(org)  # the user's corrections in the folders
+            tree_tops: set[str] = set()
+            tree_seen = 0.0
             log.info("watching %s (%s), output in %s, store %s", watch,
                      "polling" if s.service.polling else "events", org.output, s.db_path)
             self.notify("READY=1")
+            if self.on_ready is not None:
+                self.on_ready()
             self._rescan(org, settler)
             last_rescan = time.monotonic()
             data_version = store.data_version()
             while not self.stop_requested:
                 time.sleep(TICK)
-                for path in watcher.drain():
-                    self._enqueue(path, org, settler)
+                if watcher is not None:
+                    for path in watcher.drain():
+                        self._enqueue(path, org, settler)
+                tops = self._tree_tops(org, tree.drain()) if tree is not None else set()
+                if tops:
+                    tree_tops |= tops
+                    tree_seen = time.monotonic()
+                elif tree_tops and time.monotonic() - tree_seen >= TREE_QUIET:
+                    org.reconcile(verify=False, tops=tree_tops)  # reads the user's changes first
+                    tree_tops = set()
                 settled, gone = settler.ready()
-                if gone and self._watch_available(org):
+                if gone:
                     # (not while the whole folder is gone, e.g. moved away or unmounted: the rescan
                     # once it is back forgets what is really gone)
+                    self._watch_available(org)
                     org.forget([Path(p) for p in gone])
                 files = []
                 for p in settled:
                     if os.path.isdir(p) and not os.path.islink(p):
-                        for f in discover(Path(p), org.excluded()):  # a folder moved in
+                        for f in discover(Path(p), org.layout):  # a folder moved in
                             settler.add(str(f))
                     else:
                         files.append(Path(p))
-                if files:
-                    org.process(files, stop=self._stopping)
-                    self._status(store, settler)
+                if files and not self.stop_requested:
+                    report = org.process(files, stop=self._stopping, settle_seconds=s.service.settle_seconds)
+                    self._hand_back(report, settler)
+                    self._status(org, settler)
                 interval = s.service.rescan_interval
                 due = interval and time.monotonic() - last_rescan >= interval
-                if watcher.overflowed():
+                if watcher is not None and watcher.overflowed():
                     log.warning("the kernel dropped file events (inotify queue overflow): rescanning")
                     due = True
-                if (due or self._paused or not watcher.alive) and not self.stop_requested:
-                    if not watcher.alive and self._watch_available(org):
+                alive = watcher is not None and watcher.alive
+                if (due or self._paused or not alive) and not self.stop_requested:
+                    if not alive and self._watch_available(org):
                         # watchdog stops silently when its folder is deleted or replaced (e.g.
                         # remounted): watch the folder that is there now, and catch up
-                        log.error("the file watcher stopped; restarting it (a rescan catches up)")
-                        watcher.stop()
-                        try:
-                            watcher = Watcher(watch, polling=s.service.polling)
-                            watcher.start()
-                        except OSError as exc:
-                            log.error("cannot watch %s yet: %s", watch, exc.strerror or exc)
+                        if watcher is not None:
+                            log.error("the file watcher stopped; restarting it (a rescan catches up)")
+                            watcher.stop()
+                        watcher = self._start_watcher(org)
                         due = True
                     if due or self._paused:
                         self._rescan(org, settler)
@@ -134,6 +162,7 @@ class Service:
                 dv = store.data_version()
                 if dv != data_version:  # another process changed the store (e.g. `organizer name`)
                     data_version = dv
+                    org.apply_corrections()  # e.g. `organizer assign`
                     org.reconcile(verify=False)
             self.notify("STOPPING=1")
             log.info("stopped cleanly")
@@ -143,34 +172,77 @@ class Service:
             self.notify(f"STATUS=stopped: cannot use the store ({exc})")
             return 1
         finally:
-            watcher.stop()
-            org.close()
+            if watcher is not None:
+                watcher.stop()
+            if tree is not None:
+                tree.stop()
+            if org is not None:
+                org.close()
             store.close()
+
+    def _start_tree_watcher(self, org: Organizer) -> Watcher | None:
+        """A started watcher on the output tree (the user's corrections), or None if the tree
+        cannot be made or watched now (its errors are reported by the tree updates; corrections
+        are then read at the next start or rescan)."""
+        tree = Watcher(org.output, polling=self.settings.service.polling)
+        try:
+            org.output.mkdir(parents=True, exist_ok=True)
+            tree.start()
+        except OSError as exc:
+            log.error("cannot watch the output folder %s: %s; changes you make there are read at the next "
+                      "rescan", org.output, exc.strerror or exc)
+            tree.stop()
+            return None
+        return tree
+
+    def _start_watcher(self, org: Organizer) -> Watcher | None:
+        """A started watcher on the watched folder, or None while it is not there (the folder can
+        vanish between any check and the start: then the loop tries again)."""
+        if not self._watch_available(org):
+            return None
+        watcher = Watcher(org.watch, polling=self.settings.service.polling)
+        try:
+            watcher.start()
+        except OSError as exc:
+            log.error("cannot watch %s yet: %s", org.watch, exc.strerror or exc)
+            watcher.stop()
+            return None
+        return watcher
 
     def _enqueue(self, path: str, org: Organizer, settler: Settler) -> None:
         p = Path(path)
-        if any(p == ex or ex in p.parents for ex in org.excluded()):
-            return
-        try:
-            rel = p.relative_to(org.watch)
-        except ValueError:
-            return
-        if any(part.startswith(".") for part in rel.parts):
-            return
-        if os.path.isdir(p) or is_candidate(p) or not os.path.lexists(p):
+        if not os.path.lexists(p):  # deleted or moved away: a file or a whole folder
+            if org.layout.is_input(p, is_dir=True):
+                settler.add(path)
+        elif org.layout.is_input(p, is_dir=os.path.isdir(p) and not os.path.islink(p)):
             settler.add(path)
 
+    @staticmethod
+    def _tree_tops(org: Organizer, paths: set[str]) -> set[str]:
+        """The top-level folders of the output tree that changed (the store's own folder aside)."""
+        tops = set()
+        for path in paths:
+            try:
+                rel = Path(path).relative_to(org.output)
+            except ValueError:
+                continue
+            if rel.parts and not rel.parts[0].startswith("."):
+                tops.add(rel.parts[0])
+        return tops
+
     def _watch_available(self, org: Organizer) -> bool:
-        """Is the watched folder there? Missing, unlistable, or empty while the store knows photos
-        means an unmounted disk or share (a rescan would forget every photo, and the names given
-        to people with them): rescans pause until it is back."""
-        available = has_entries(org.watch) or (org.watch.is_dir() and not org.store.has_photos())
+        """Is the watched folder there (:meth:`Layout.watch_state`)? If not, rescans pause until it
+        is back: nothing is forgotten meanwhile."""
+        known = org.store.has_photos()
+        state = org.layout.watch_state(known)
+        available = state is WatchState.AVAILABLE
         if available and self._paused:
             log.info("the watched folder %s is back; catching up", org.watch)
         elif not available and not self._paused:
-            log.error("the watched folder %s is missing or empty but the store knows photos in it: "
-                      "assuming its disk is not mounted. Nothing is forgotten; waiting for it to come back "
-                      "(if you really removed every photo, stop the service and delete the store)", org.watch)
+            if known:
+                log.error("%s; waiting for it to come back", org.layout.unavailable_message(state, org.store.status(0)["photos"]))
+            else:
+                log.error("the watched folder %s is missing or cannot be listed; waiting for it", org.watch)
             self.notify("STATUS=waiting for the watched folder (missing or empty)")
         self._paused = not available
         return available
@@ -187,15 +259,35 @@ class Service:
                 return
             self._watch_available(org)  # it vanished a moment ago: pause
             return
+        if report.unavailable is not None:
+            self._watch_available(org)
+            return
+        self._hand_back(report, settler)
+        log.info("rescan: %d photos, %d new, %d encoded, %d failed, %d removed%s",
+                 report.seen, report.new, report.encoded, report.failed, report.removed,
+                 f", {report.kept} kept (see above)" if report.kept else "")
+        self._status(org, settler)
+
+    def _hand_back(self, report, settler: Settler) -> None:
+        """Files still being written go back to the settler; one that read as incomplete waits
+        until it changes, or is recorded as broken once unchanged for the grace time."""
         for p in report.unsettled:
             settler.add(str(p))
-        log.info("rescan: %d photos, %d new, %d encoded, %d failed, %d removed",
-                 report.seen, report.new, report.encoded, report.failed, report.removed)
-        self._status(org.store, settler)
+        for p, size, mtime in report.incomplete:
+            settler.add(str(p), wait=growing_grace(self.settings.service.settle_seconds), seen=(size, mtime))
 
-    def _status(self, store: Store, settler: Settler) -> None:
-        st = store.status(0)
+    def _status(self, org: Organizer, settler: Settler) -> None:
+        st = org.store.status(0)
+        tree = org.last_tree
+        broken = ""
+        if tree is not None and tree.errors:
+            broken = f", {len(tree.errors)} output entries failed ({reasons_text(tree.reasons)})"
         self.notify(
             f"STATUS={st['photos']} photos, {st['clusters']} people, {st['doubtful_faces']} doubtful, "
-            f"{st['failed']} failed, {len(settler)} waiting"
+            f"{st['failed']} failed, {len(settler)} waiting{broken}"
         )
+
+
+def reasons_text(reasons: dict[str, int]) -> str:
+    """{"Permission denied": 52} -> "52 Permission denied", most frequent first."""
+    return ", ".join(f"{n} {why}" for why, n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))

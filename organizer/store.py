@@ -24,7 +24,8 @@ from sqlite_utils.migrations import Migrations
 from .logs import printable
 from .storefile import APP_ID, StoreError, StoreLocked, check_file, require_existing, take_lock
 
-__all__ = ["Store", "StoreError", "StoreLocked", "PhotoFile", "PhotoState", "FaceVectors", "FaceClustering", "Face"]
+__all__ = ["Store", "StoreError", "StoreLocked", "PhotoFile", "PhotoState", "FaceVectors", "FaceClustering", "Face",
+           "CorrectionRow"]
 
 migrations = Migrations("organizer")
 
@@ -32,6 +33,7 @@ migrations = Migrations("organizer")
 ENCODER = "encoder"  # meta key: what made the stored encodings (encode.encoder_id)
 REENCODING = "reencoding"  # meta key: an unfinished re-encoding, {"encoder": id, "after": last sha256 done}
 OUTPUT_ERRORS = "output_errors"  # meta key: the last reconcile's errors (JSON list), for `status`
+TREE_UNCLEAR = "tree_unclear"  # meta key: changes in the output tree not understood (JSON list), for `status`
 
 
 @migrations()
@@ -115,6 +117,35 @@ def m004_doubtful_faces_index(db: sqlite_utils.Database) -> None:
     db.execute("create index if not exists idx_faces_doubtful on faces (id) where doubtful = 1")
 
 
+@migrations()
+def m005_corrections(db: sqlite_utils.Database) -> None:
+    """The user's corrections (issue 14): one row per correction, never rewritten except to mark it
+    undone, so a recluster replays them. Faces are referred to by their photo content and index
+    (sha256, idx) as well as their id, so a photo removed and put back keeps its corrections.
+
+    ``auto_assign`` keeps the people layer's own decision for the faces a correction overrode
+    (the final one is in ``faces``): the next start resumes the people layer from it."""
+    db["corrections"].create(
+        {"id": int, "kind": str, "person": int, "other": int, "name": str, "before": str,
+         "source": str, "created_at": float, "undone": int},
+        pk="id", not_null={"kind", "source", "created_at"}, defaults={"undone": 0},
+    )
+    db["correction_faces"].create({"correction": int, "sha256": str, "idx": int})
+    db["correction_faces"].create_index(["correction"])
+    db["auto_assign"].create(
+        {"face": int, "cluster_id": int, "doubtful": int, "doubt_reason": str, "nearest_cluster": int}, pk="face"
+    )
+    db["clusters"].add_column("hidden", int, not_null_default=0)
+    # names given before corrections existed: the person is the faces it holds now
+    now = time.time()
+    for cid, name in db.execute("select id, name from clusters where name is not null").fetchall():
+        cur = db.execute(
+            "insert into corrections (kind, person, name, source, created_at, undone) values ('name', ?, ?, 'cli', ?, 0)",
+            [cid, name, now])
+        db.execute("insert into correction_faces (correction, sha256, idx) select ?, sha256, idx from faces"
+                   " where cluster_id=? and doubtful=0", [cur.lastrowid, cid])
+
+
 @dataclass
 class Face:
     id: int
@@ -129,6 +160,21 @@ class Face:
     doubtful: bool
     doubt_reason: str | None
     nearest_cluster: int | None
+
+
+@dataclass
+class CorrectionRow:
+    """One correction as stored (see :mod:`organizer.corrections` for what each kind means)."""
+    id: int
+    kind: str  # name, assign, split, reject, merge, hide, unhide
+    person: int | None
+    other: int | None  # assign/split: the person the faces came from; merge: the person merged away
+    name: str | None
+    before: str | None  # JSON: what undo restores
+    source: str  # folders, cli, known
+    created_at: float
+    undone: bool
+    faces: list[int]  # current face ids (faces of photos no longer in the library are left out)
 
 
 def _db_text(text: str) -> str | bytes:
@@ -576,7 +622,7 @@ class Store:
             "faces": q("select count(*) from faces"),
             # people with a folder: at least one confident face (a group that is all doubtful
             # so far has an id but no folder)
-            "clusters": q("select count(*) from clusters c where exists "
+            "clusters": q("select count(*) from clusters c where c.hidden = 0 and exists "
                           "(select 1 from faces f where f.cluster_id = c.id and f.doubtful = 0)"),
             "named_clusters": q("select count(*) from clusters where name is not null"),
             "doubtful_faces": q("select count(*) from faces where doubtful=1"),
@@ -588,6 +634,9 @@ class Store:
                 )
             ],
             "output_errors": json.loads(self.get_meta(OUTPUT_ERRORS) or "[]")[:errors],
+            "corrections": q("select count(*) from corrections where undone=0"),
+            "hidden_people": q("select count(*) from clusters where hidden=1"),
+            "tree_unclear": json.loads(self.get_meta(TREE_UNCLEAR) or "[]")[:errors],
         }
 
     def failures(self) -> list[dict]:
@@ -610,3 +659,207 @@ class Store:
 
     def set_meta(self, key: str, value) -> None:
         self.db["meta"].upsert({"key": key, "value": json.dumps(value) if not isinstance(value, str) else value}, pk="key")
+
+    # ---- what the user sees (status, doubtful) --------------------------------------------
+    def duplicate_count(self) -> int:
+        """Photos whose content is also stored under another (earlier) name: identical files."""
+        return self.db.execute(
+            "select count(*) - count(distinct sha256) from photos where status='ok' and sha256 is not null"
+        ).fetchone()[0]
+
+    def people_summary(self) -> list[dict]:
+        """Every person with a folder: id, name (None: cluster_<id>) and how many distinct photos
+        (identical files count once) hold a confident face of them."""
+        return list(self.db.query(
+            "select c.id, c.name, count(distinct f.sha256) as photos from clusters c"
+            " join faces f on f.cluster_id = c.id and f.doubtful = 0"
+            " group by c.id order by c.id"
+        ))
+
+    def doubtful_photos(self) -> list[dict]:
+        """One row per doubtful face: the photo (its first name), face id, reason, nearest person."""
+        return [
+            {"path": _py_text(r[0]), "face": r[1], "reason": r[2], "nearest": r[3], "nearest_name": r[4]}
+            for r in self.db.execute(
+                "select min(p.path), f.id, f.doubt_reason, f.nearest_cluster, c.name from faces f"
+                " join photos p on p.sha256 = f.sha256 and p.status = 'ok'"
+                " left join clusters c on c.id = f.nearest_cluster"
+                " where f.doubtful = 1 group by f.id order by min(p.path), f.idx"
+            )
+        ]
+
+    def photos_without_faces(self) -> list[str]:
+        return [
+            _py_text(r[0])
+            for r in self.db.execute(
+                "select p.path from photos p join images i on i.sha256 = p.sha256"
+                " where p.status = 'ok' and i.face_count = 0 order by p.path"
+            )
+        ]
+
+    # ---- review page (read-only queries) -------------------------------------------------
+    # People are the clusters with at least one confident face and not hidden (the ones with a
+    # folder); doubtful faces of hidden people are in no folder either (output.desired_tree).
+    # (one pass over the faces table, not by the cluster_id index: that reads the same rows in
+    # random order, 0.8 s instead of 0.5 s at 100k faces)
+    _PEOPLE = ("select c.id, c.name, c.representative_face, p.photos, p.faces from clusters c join"
+               " (select cluster_id, count(distinct sha256) as photos, count(*) as faces from faces not indexed"
+               " where doubtful = 0 group by cluster_id) p on p.cluster_id = c.id where c.hidden = 0")
+    _DOUBTFUL = ("doubtful = 1 and (cluster_id is null or cluster_id not in"
+                 " (select id from clusters where hidden = 1))")
+
+    def page_people(self, limit: int = -1, offset: int = 0) -> list[dict]:
+        """People with a folder, the most photos first: id, name, representative_face, photos
+        (distinct photos with a confident face of theirs), faces."""
+        return list(self.db.query(f"{self._PEOPLE} order by p.photos desc, c.id limit ? offset ?", [limit, offset]))
+
+    def page_person(self, cluster_id: int) -> dict | None:
+        """One cluster as :meth:`page_people` shows it (photos and faces 0 when it has no folder)."""
+        row = self.db.execute(
+            "select c.id, c.name, c.representative_face,"
+            " (select count(distinct sha256) from faces where cluster_id = c.id and doubtful = 0),"
+            " (select count(*) from faces where cluster_id = c.id and doubtful = 0), c.hidden"
+            " from clusters c where c.id = ?", [cluster_id]).fetchone()
+        if row is None:
+            return None
+        return dict(zip(("id", "name", "representative_face", "photos", "faces", "hidden"), row))
+
+    def person_names(self) -> list[tuple[int, str | None]]:
+        """(id, name) of every cluster, by id (names to complete in the page's forms)."""
+        return [(r[0], r[1]) for r in self.db.execute("select id, name from clusters order by id")]
+
+    def person_encodings(self, cluster_id: int):
+        """(face ids, encodings n x 128) of the person's confident faces, by id."""
+        faces = FaceVectors.from_rows(self.db.execute(
+            f"{_FACE_VECTORS} where cluster_id = ? and doubtful = 0 order by id", [cluster_id]).fetchall())
+        return faces.ids, faces.encodings
+
+    def doubtful_count(self) -> int:
+        """Doubtful faces in the tree's doubtful/ (not those of hidden people)."""
+        return self.db.execute(f"select count(*) from faces where {self._DOUBTFUL}").fetchone()[0]
+
+    def doubtful_page(self, limit: int, offset: int = 0) -> list[Face]:
+        """Those doubtful faces grouped by their nearest person (none last), by id within a group."""
+        return self.faces_where(
+            f"{self._DOUBTFUL} order by nearest_cluster is null, nearest_cluster, id limit ? offset ?", [limit, offset])
+
+    def paths_for_shas(self, shas: Iterable[str]) -> dict[str, str]:
+        """sha256 -> the first path (in path order) of an ok photo with that content."""
+        out: dict[str, str] = {}
+        shas = list(dict.fromkeys(shas))
+        for start in range(0, len(shas), 500):
+            chunk = shas[start : start + 500]
+            rows = self.db.execute(
+                f"select sha256, min(path) from photos where sha256 in ({','.join('?' * len(chunk))})"
+                " and +status = 'ok' group by sha256", chunk)
+            out.update({sha: _py_text(path) for sha, path in rows})
+        return out
+
+    # ---- corrections (issue 14) ------------------------------------------------------------
+    def add_correction(self, kind: str, source: str, person: int | None = None, other: int | None = None,
+                       name: str | None = None, faces: Iterable[int] = (), before=None) -> int:
+        """Record one correction (and the faces it is about); returns its id."""
+        with self.db.atomic():
+            cur = self.db.execute(
+                "insert into corrections (kind, person, other, name, before, source, created_at, undone)"
+                " values (?, ?, ?, ?, ?, ?, ?, 0)",
+                [kind, person, other, name, None if before is None else json.dumps(before), source, time.time()])
+            cid = cur.lastrowid
+            faces = [int(f) for f in faces]
+            for start in range(0, len(faces), 500):
+                chunk = faces[start : start + 500]
+                self.db.execute(
+                    "insert into correction_faces (correction, sha256, idx) select ?, sha256, idx from faces"
+                    f" where id in ({','.join('?' * len(chunk))})", [cid, *chunk])
+        return cid
+
+    def corrections(self, include_undone: bool = True) -> list[CorrectionRow]:
+        """Every correction in the order it was made, with its faces as current face ids."""
+        faces: dict[int, list[int]] = {}
+        for corr, fid in self.db.execute(
+            "select cf.correction, f.id from correction_faces cf join faces f"
+            " on f.sha256 = cf.sha256 and f.idx = cf.idx order by cf.correction, f.id"
+        ):
+            faces.setdefault(corr, []).append(fid)
+        where = "" if include_undone else " where undone=0"
+        return [
+            CorrectionRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8]), faces.get(r[0], []))
+            for r in self.db.execute(
+                "select id, kind, person, other, name, before, source, created_at, undone from corrections"
+                f"{where} order by id")
+        ]
+
+    def last_correction(self) -> CorrectionRow | None:
+        """The latest correction not undone yet."""
+        row = self.db.execute("select max(id) from corrections where undone=0").fetchone()
+        if not row or row[0] is None:
+            return None
+        return next(c for c in self.corrections(include_undone=False) if c.id == row[0])
+
+    def mark_undone(self, correction_id: int) -> None:
+        self.db.execute("update corrections set undone=1 where id=?", [correction_id])
+
+    def correction_counts(self) -> dict[str, int]:
+        return {k: n for k, n in self.db.execute(
+            "select kind, count(*) from corrections where undone=0 group by kind")}
+
+    def new_person(self, name: str | None) -> int:
+        """A person the user made (a new folder): a fresh id from the counter, never reused."""
+        with self.db.atomic():
+            pid = self.next_cluster_id()
+            self.db.execute("update meta set value=? where key='next_cluster_id'", [str(pid + 1)])
+            self.db["clusters"].insert({"id": pid, "name": name, "size": 0, "representative_face": None, "hidden": 0})
+        return pid
+
+    def person(self, person_id: int) -> dict | None:
+        rows = list(self.db.query("select id, name, size, representative_face, hidden from clusters where id=?",
+                                  [person_id]))
+        return rows[0] if rows else None
+
+    def people(self) -> list[dict]:
+        """Every person row, hidden ones too (``hidden`` 0/1)."""
+        return list(self.db.query("select id, name, size, representative_face, hidden from clusters order by id"))
+
+    def set_hidden(self, person_id: int, hidden: bool) -> None:
+        self.db.execute("update clusters set hidden=? where id=?", [int(hidden), person_id])
+
+    def hidden_people(self) -> set[int]:
+        return {r[0] for r in self.db.execute("select id from clusters where hidden=1")}
+
+    def auto_assignments(self) -> dict[int, FaceClustering]:
+        """The people layer's own decision for faces a correction overrode."""
+        return {r[0]: FaceClustering(r[1], bool(r[2]), r[3], r[4]) for r in self.db.execute(
+            "select face, cluster_id, doubtful, doubt_reason, nearest_cluster from auto_assign")}
+
+    def raw_assignments(self) -> dict[int, FaceClustering]:
+        """Like :meth:`saved_assignments`, but the people layer's own decisions (before corrections)."""
+        out = self.saved_assignments()
+        out.update({f: a for f, a in self.auto_assignments().items() if f in out})
+        return out
+
+    def save_corrected(self, auto: dict[int, tuple | None]) -> None:
+        """Record (tuple) or clear (None) the people layer's own decision of overridden faces."""
+        with self.db.atomic():
+            self.db.conn.executemany("delete from auto_assign where face=?",
+                                     [(f,) for f, a in auto.items() if a is None])
+            self.db.conn.executemany(
+                "insert or replace into auto_assign (face, cluster_id, doubtful, doubt_reason, nearest_cluster)"
+                " values (?, ?, ?, ?, ?)",
+                [(f, a[0], int(a[1]), a[2], a[3]) for f, a in auto.items() if a is not None])
+
+    def face_quality(self, ids: Iterable[int]) -> dict[int, tuple[float, float]]:
+        """face id -> (sharpness, size)."""
+        ids = list(ids)
+        out = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            out.update({r[0]: (r[1], r[2]) for r in self.db.execute(
+                f"select id, sharpness, size from faces where id in ({','.join('?' * len(chunk))})", chunk)})
+        return out
+
+    def faces_of_photo(self, path: str) -> list[Face]:
+        """The faces of the photo at ``path`` (in their order in the photo)."""
+        row = self.db.execute("select sha256 from photos where path=?", [_db_text(path)]).fetchone()
+        if not row or row[0] is None:
+            return []
+        return self.faces_where("sha256=? order by idx", [row[0]])

@@ -64,13 +64,20 @@ class Watcher:
         self._overflow = _OverflowFlag()
 
     def start(self) -> None:
+        """Raises OSError when the folder is missing (it may vanish right before)."""
         logging.getLogger("watchdog").addHandler(self._overflow)
-        self.observer.start()
+        try:
+            self.observer.start()
+        except OSError:
+            self.stop()
+            raise
 
     def stop(self) -> None:
+        """Safe to call on a watcher that never started, or failed to."""
         logging.getLogger("watchdog").removeHandler(self._overflow)
         self.observer.stop()
-        self.observer.join(timeout=10)
+        if self.observer.ident is not None:  # a thread never started cannot be joined
+            self.observer.join(timeout=10)
 
     def overflowed(self) -> bool:
         """True once after the kernel dropped events (the caller should rescan)."""
@@ -97,6 +104,7 @@ class _Pending:
     size: int
     mtime: float
     since: float  # when this (size, mtime) was first seen
+    wait: float | None = None  # how long it must stay unchanged, if longer than the settle time
 
 
 class Settler:
@@ -106,16 +114,22 @@ class Settler:
         self.seconds = seconds
         self.pending: dict[str, _Pending] = {}
 
-    def add(self, path: str, now: float | None = None) -> None:
+    def add(self, path: str, now: float | None = None, wait: float | None = None,
+            seen: tuple[int, float] | None = None) -> None:
+        """Track ``path``. ``wait`` with ``seen`` (its size and mtime when it was read): a file that
+        read as incomplete (a copy that paused) is held until it changes -- then the settle time
+        applies again -- or stays unchanged for ``wait`` seconds."""
         now = time.monotonic() if now is None else now
         try:
             st = os.stat(path)
             sig = (st.st_size, st.st_mtime)
         except OSError:
             sig = (-1, -1.0)
+        if wait is not None and seen is not None and seen != sig:
+            wait = None  # it changed since it was read: the copy went on
         p = self.pending.get(path)
-        if p is None or (p.size, p.mtime) != sig:
-            self.pending[path] = _Pending(sig[0], sig[1], now)
+        if p is None or (p.size, p.mtime) != sig or wait is not None:
+            self.pending[path] = _Pending(sig[0], sig[1], now, wait)
 
     def ready(self, now: float | None = None) -> tuple[list[str], list[str]]:
         """(settled existing files, paths that no longer exist); both leave the settler."""
@@ -133,7 +147,7 @@ class Settler:
                 sig = (-2, -2.0)  # unreadable (e.g. a dangling symlink): settle, then report
             if sig != (p.size, p.mtime):
                 self.pending[path] = _Pending(sig[0], sig[1], now)
-            elif now - p.since >= self.seconds:
+            elif now - p.since >= (self.seconds if p.wait is None else max(p.wait, self.seconds)):
                 settled.append(path)
                 del self.pending[path]
         return sorted(settled), sorted(gone)

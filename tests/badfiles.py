@@ -316,7 +316,7 @@ def tree_index(output: Path) -> dict[tuple[int, int], set[str]]:
         if not folder.is_dir() or folder.name.startswith(".") or folder.name == "doubtful":
             continue
         for entry in folder.iterdir():
-            if entry.name == "representative.jpg":
+            if entry.name in ("representative.jpg", "montage.jpg"):
                 continue
             try:
                 st = entry.stat()  # follows a symlink to the original

@@ -34,7 +34,7 @@ def _relative_partition(output, watch):
     for photos in _partition(output).values():
         groups.add(frozenset(inode_to_rel[int(p)] for p in photos))
     doubtful = output / "doubtful"
-    doubt = frozenset(inode_to_rel[os.stat(p).st_ino] for p in doubtful.iterdir() if p.is_file()) if doubtful.exists() else frozenset()
+    doubt = frozenset(inode_to_rel[os.stat(p).st_ino] for p in doubtful.iterdir() if p.is_file() and p.name != "montage.jpg") if doubtful.exists() else frozenset()
     return groups, doubt
 
 

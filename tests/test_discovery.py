@@ -8,6 +8,7 @@ from pathlib import Path
 
 from organizer.evaluate import photo_key, tree_assignment
 from organizer.ingest import discover, is_candidate, load_for_detection
+from organizer.layout import Layout
 
 from .conftest import DEV, run_organizer, tree_hashes
 
@@ -26,7 +27,7 @@ def test_discover_skips_hidden_dirs_and_excluded(tmp_path):
     for p in ["a/1.jpg", "a/b/2.PNG", ".trash/3.jpg", "out/4.jpg", "a/.5.jpg", "a/6.txt"]:
         (tmp_path / p).write_bytes(b"x")
     os.symlink(tmp_path / "a", tmp_path / "a" / "b" / "loop")  # directory symlink loop: not followed
-    found = [p.relative_to(tmp_path).as_posix() for p in discover(tmp_path, [tmp_path / "out"])]
+    found = [p.relative_to(tmp_path).as_posix() for p in discover(tmp_path, Layout(tmp_path, tmp_path / "out", tmp_path / "out" / ".organizer" / "o.db"))]
     assert found == ["a/1.jpg", "a/b/2.PNG"]
 
 
@@ -54,8 +55,10 @@ def test_duplicates_encoded_once_and_output_inside_watch(tmp_path):
     assert len(encoded) == 9, "the copy must not be encoded again"
     assert "1 duplicates" in proc.stdout
     assigned = tree_assignment(output)
-    folders = assigned[photo_key(first)]
-    assert folders and assigned[photo_key(watch / "copy of first.jpg")] == folders
+    # identical files: one link per folder, under the first name in path order ("copy of ..." <
+    # "putin/...")
+    folders = assigned[photo_key(watch / "copy of first.jpg")]
+    assert folders and photo_key(first) not in assigned
     # a second scan sees the output tree inside the watched folder but does not ingest it
     proc = run_organizer("scan", "--watch", str(watch), "--output", str(output))
     assert "10 photos seen, 0 encoded" in proc.stdout

@@ -96,7 +96,7 @@ def tree_partition(output: Path, watch: Path) -> tuple[frozenset, frozenset]:
     for d in output.iterdir():
         if not d.is_dir() or d.name.startswith("."):
             continue
-        entries = [e for e in d.iterdir() if e.is_file() and e.name != "representative.jpg"]
+        entries = [e for e in d.iterdir() if e.is_file() and e.name not in ("representative.jpg", "montage.jpg")]
         names = frozenset(by_inode[e.stat().st_ino] for e in entries)
         if d.name == "doubtful":
             doubt |= names
@@ -650,10 +650,10 @@ def test_disk_io_error_is_not_called_damage(tmp_path):
 def _hand_edit(output: Path, watch: Path) -> dict:
     """What a person does in a file manager. Returns the files that are theirs (path -> sha256)."""
     fa, fb = output / _folder_of(output, watch, A), output / _folder_of(output, watch, B)
-    deleted_link = sorted(p for p in fa.iterdir() if p.name != "representative.jpg")[0]
+    deleted_link = sorted(p for p in fa.iterdir() if p.name not in ("representative.jpg", "montage.jpg"))[0]
     deleted_link.unlink()
     (fb / "representative.jpg").unlink()
-    replaced = sorted(p for p in fb.iterdir() if p.name != "representative.jpg")[0]
+    replaced = sorted(p for p in fb.iterdir() if p.name not in ("representative.jpg", "montage.jpg"))[0]
     replaced.unlink()
     replaced.write_text("my own file, same name as the organizer's link")
     (fa / "notes.txt").write_text("who is this?")
@@ -738,7 +738,7 @@ def test_unmounted_watch_folder_forgets_nothing(tmp_path):
         assert svc.alive
         st = status_json(output)
         assert st["photos"] == 18 and {p["name"] for p in st["people"]} >= {"Grandpa"}
-        assert (output / "Grandpa").is_dir() and len(list((output / "Grandpa").iterdir())) == 10
+        assert (output / "Grandpa").is_dir() and len(list((output / "Grandpa").iterdir())) == 11  # 9 links, representative, montage
         for entry in list(parked.iterdir()):  # "mount" again
             os.rename(entry, watch / entry.name)
         wait_for(lambda: "is back" in svc.text(), 30, "the disk to be noticed again")

@@ -55,6 +55,10 @@ def test_nothing_written_outside_output_and_store(tmp_path):
     env.update(HOME=str(home), TMPDIR=str(tmp), PYTHONDONTWRITEBYTECODE="1")
     pkg = str(Path(__file__).resolve().parent.parent)  # the checkout, since cwd is not it
     env["PYTHONPATH"] = pkg + os.pathsep + env.get("PYTHONPATH", "")
+    # the photo that arrives later: taken out of the library (identical files are linked once)
+    late = tmp_path / "late.jpg"
+    first = sorted((watch / A).iterdir())[0]
+    os.rename(first, late)
     before = {d: listing(d) for d in (watch, home, cwd, tmp)}
     hashes = tree_hashes(watch)
     common = ["--output", str(output), "--db", str(db)]
@@ -62,8 +66,6 @@ def test_nothing_written_outside_output_and_store(tmp_path):
     run_organizer("scan", "--watch", str(watch), *common, cwd=cwd, env=env)
     cfg = tmp_path / "cwd-config.toml"
     cfg.write_text("[service]\nsettle_seconds = 0.3\nrescan_interval = 1\nworkers = 2\n")
-    late = tmp_path / "late.jpg"
-    shutil.copy(sorted((DEV / A).iterdir())[0], late)
     before[tmp_path] = set(os.listdir(tmp_path))
     svc = ServiceProc(["--watch", str(watch), *common, "--config", str(cfg)], tmp_path / "svc.log", env=env, cwd=cwd)
     try:
