@@ -237,7 +237,8 @@ class Organizer:
                 break
             batch = todo[start : start + batch_size]
             # the next batch too: the workers encode it while this one is committed and the tree updated
-            self.encoder.prefetch(self._encodable(todo[start : start + 2 * batch_size]))
+            ahead = todo[start if start == 0 else start + batch_size : start + 2 * batch_size]
+            self.encoder.prefetch(self._encodable(ahead))
             self._process_batch(batch, report, tick, stop, settle_seconds)
             self.refresh(verify=False)  # a scan verifies the whole tree once at its end
         if done[0] < total:
@@ -246,14 +247,19 @@ class Organizer:
 
     def _encodable(self, paths: list[Path]) -> list[Path]:
         """The paths that pass :func:`check_readable`: only those may reach the workers, also
-        ahead of time (a symlink out of the watched folder is never read; a FIFO never opened)."""
-        out = []
+        ahead of time (a symlink out of the watched folder is never read; a FIFO never opened).
+        Copies of a photo the store knows, or of one already in the list, are left out: encoding
+        them ahead would be wasted (a folder of copies would be encoded in full)."""
+        out, seen = [], set()
         for path in paths:
             try:
                 check_readable(path, self.watch or path.parent)
+                sha = sha256_file(path)
             except IngestError:
                 continue  # _process_batch records why
-            out.append(path)
+            if sha not in seen and not self.store.known_sha(sha):
+                seen.add(sha)
+                out.append(path)
         return out
 
     def _process_batch(self, batch: list[Path], report: ScanReport, tick: Callable[[], None],
