@@ -343,28 +343,14 @@ def name(settings: Settings, cluster_id: int, name: str | None, clear: bool):
 
 
 def _correct(settings: Settings, change):
-    """Record a correction (``change(Corrections)``) and, when no service holds the store, apply it
-    and update the tree now (a running service notices the new row and does both itself)."""
-    from .corrections import CorrectionError, Corrections
+    """Record a correction (``change(Corrections)``) through :func:`organizer.corrections.record`
+    (applied now when no service holds the store; a running service notices the row itself)."""
+    from .corrections import CorrectionError, record
 
-    store = Store.open_for_edit(settings.db_path)
     try:
-        try:
-            result = change(Corrections(store))
-        except CorrectionError as exc:
-            raise click.UsageError(str(exc)) from None
-        if store.locked:
-            from .pipeline import Organizer
-
-            org = Organizer(settings, store, workers=1)
-            try:
-                org.apply_corrections()
-                org.reconcile()
-            finally:
-                org.close()
-        return result
-    finally:
-        store.close()
+        return record(settings, change)
+    except CorrectionError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 @cli.command()

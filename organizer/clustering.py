@@ -219,16 +219,18 @@ class Clustering:
         meta = self._meta
         result = people.derive(clusters, index, photo=lambda f: meta[f][0], quality=lambda f: meta[f][1],
                                next_id=self.store.next_cluster_id(), previous=previous, changes=changes)
-        self._store(result, people, index, full=changes is None, fingerprint=fingerprint)
+        self._store(result, people, index, full=changes is None, fingerprint=fingerprint,
+                    removed=changes.removed if changes else ())
 
     def _store(self, result: ClusterResult, people: People, index, full: bool, groups=(),
-               fingerprint: str | None = None) -> None:
+               fingerprint: str | None = None, removed=()) -> None:
         """Store a clustering result, plus doubt for faces too small or blurred to cluster (their
         hint: the person of their nearest face within eps). The user's corrections are applied to
         the result first (:class:`~organizer.constraints.Constraints`; ``groups``: raw groups to
-        redo besides those the result touched)."""
+        redo besides those the result touched; ``removed``: faces deleted since the last update)."""
         meta = self._meta
-        result, auto = self._constraints.apply(result, people, index.vectors, lambda f: meta[f][1], full, groups)
+        result, auto = self._constraints.apply(result, people, index.vectors, lambda f: meta[f][1], full, groups,
+                                               removed)
         assignments = {
             f: FaceClustering(a.cluster_id, a.doubtful, a.reason, a.nearest_cluster)
             for f, a in result.assignments.items()

@@ -10,7 +10,9 @@ correction touches, that turns their decision for each face (the *raw* one) into
   algorithm merged, that the user told apart) is split: each face that is not anchored goes to
   the person of the nearest anchored face, or stays with the group's own person when one of that
   person's faces (anchored, or left as the algorithm put it) is nearer. So new photos near the
-  user's assignments join them, and two differently named people are never merged again;
+  user's assignments join them, and two differently named people are never merged again. Faces
+  that were already there when the user made the correction (ids up to its *horizon*) stay where
+  the user left them: a correction moves only the faces it names, and the photos that come later;
 * a face rejected from a person is never placed in it (doubtful, "removed by you from <name>");
 * a merge maps one person onto another; a hidden person keeps its faces but gets no folder
   (``output.desired_tree`` skips it), so its future faces go nowhere.
@@ -42,6 +44,7 @@ class Rules:
     """The active corrections, compiled: what each face and person is bound to."""
 
     anchor: dict[int, int] = field(default_factory=dict)  # face -> person it is anchored to
+    horizon: dict[int, int] = field(default_factory=dict)  # anchored face -> its correction's horizon
     rejected: dict[int, set[int]] = field(default_factory=dict)  # face -> persons it may not be in
     merged: dict[int, int] = field(default_factory=dict)  # person -> person it was merged into
     pinned: set[int] = field(default_factory=set)  # persons a correction refers to: never deleted
@@ -58,6 +61,7 @@ class Rules:
             if c.kind in ("name", "assign", "split"):
                 for f in c.faces:
                     r.anchor[f] = c.person
+                    r.horizon[f] = c.horizon
                     r.rejected.get(f, set()).discard(c.person)
             elif c.kind == "reject":
                 for f in c.faces:
@@ -90,7 +94,7 @@ class Rules:
 
     def key(self) -> tuple:
         return (sorted(self.anchor.items()), sorted((f, sorted(p)) for f, p in self.rejected.items()),
-                sorted(self.merged.items()))
+                sorted(self.merged.items()), sorted(self.horizon.items()))
 
 
 Vecs = Callable[[list[int]], np.ndarray]
@@ -119,9 +123,9 @@ class Constraints:
     update recomputes only the groups and people a change touched.
     """
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store | None, rules: Rules | None = None):
         self.store = store
-        self.rules = Rules.from_store(store)
+        self.rules = Rules.from_store(store) if rules is None else rules
         self.final: dict[int, int | None] = {}
         self.members: dict[int, set[int]] = {}
         self.overridden: set[int] = set()  # faces whose final decision differs from the raw one
@@ -163,22 +167,30 @@ class Constraints:
             for f, p in anchored.items():
                 candidates.setdefault(p, []).append(f)
             own_pinned = own in r.pinned or own in candidates
+            free_arr = np.asarray(free)
+            movers = free_arr
             if own_pinned:  # the group's own person keeps its faces as the algorithm placed them
                 candidates.setdefault(own, [])
-            fv = vecs(free)
-            free_arr = np.asarray(free)
-            best = np.full(len(free), np.inf)
-            choice = np.full(len(free), -1, dtype=np.int64)
-            for p in sorted(candidates, key=lambda x: (x is None, x)):
-                reps = candidates[p]
-                d = _nearest_rows(fv, vecs(reps)) if reps else np.full(len(free), np.inf)
-                if p == own and own_pinned:
-                    # ... and the other free faces (not the face itself) stand for it too
-                    d = np.minimum(d, _nearest_rows(fv, fv, exclude=free_arr[:, None] == free_arr[None, :]))
-                better = d < best
-                best[better], choice[better] = d[better], p
-            for i, f in enumerate(free):
-                person[f] = int(choice[i]) if choice[i] >= 0 else own
+                # faces that were there when the user corrected another person here stay where the
+                # user left them; only faces that arrived later may follow the corrected ones
+                horizon = {p: min(r.horizon.get(f, 0) for f in reps) for p, reps in candidates.items() if p != own}
+                movers = free_arr[free_arr > min(horizon.values())]
+            if len(movers):
+                mv = vecs(movers.tolist())
+                best = np.full(len(movers), np.inf)
+                choice = np.full(len(movers), -1, dtype=np.int64)
+                for p in sorted(candidates, key=lambda x: (x is None, x)):
+                    reps = candidates[p]
+                    d = _nearest_rows(mv, vecs(reps)) if reps else np.full(len(movers), np.inf)
+                    if own_pinned and p != own:
+                        d[movers <= horizon[p]] = np.inf
+                    if p == own:
+                        # ... and the other free faces (not the face itself) stand for it too
+                        d = np.minimum(d, _nearest_rows(mv, vecs(free), exclude=movers[:, None] == free_arr[None, :]))
+                    better = d < best
+                    best[better], choice[better] = d[better], p
+                for i, f in enumerate(movers.tolist()):
+                    person[f] = int(choice[i]) if choice[i] >= 0 else own
         out = {}
         for f in faces:
             a = raw[f]
@@ -203,12 +215,14 @@ class Constraints:
 
     # ---- applying ------------------------------------------------------------------------
     def apply(self, result: ClusterResult, people, vecs: Vecs, quality: Callable[[int], float],
-              full: bool, groups: Iterable[int | None] = ()) -> tuple[ClusterResult, dict[int, tuple | None]]:
+              full: bool, groups: Iterable[int | None] = (),
+              removed: Iterable[int] = ()) -> tuple[ClusterResult, dict[int, tuple | None]]:
         """The final result for a result of the people layer (``people``: its state after it),
         and the raw decisions to keep for the overridden faces (None: no longer overridden).
 
         ``groups``: raw groups to recompute besides those the result touched (a correction
-        changed). A full result recomputes everything."""
+        changed); ``removed``: faces deleted since the last update. A full result recomputes
+        everything. An update costs the size of the groups it touches, not of all faces."""
         raw_of = people.assign
         cid = people.cid
         if full or not self._loaded:
@@ -253,7 +267,7 @@ class Constraints:
                 persons_touched |= {self.final.get(f), a.cluster_id, rw.cluster_id}
                 self._set(f, a.cluster_id)
         # faces gone from the people layer
-        for f in [f for f in self.final if f not in raw_of]:
+        for f in [f for f in (self.final if full else removed) if f in self.final and f not in raw_of]:
             persons_touched.add(self.final[f])
             self._set(f, None)
             if f in self.overridden:

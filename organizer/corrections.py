@@ -254,3 +254,28 @@ def as_dict(c: CorrectionRow) -> dict:
     d = asdict(c)
     d["before"] = json.loads(c.before) if c.before else None
     return d
+
+
+def record(settings, change):
+    """Make one correction, ``change(Corrections(store))``, in a write of its own, and return what
+    it returns: the CLI's correction commands and the review page both go through here.
+
+    When no service holds the store this process takes the writer's lock, applies the correction
+    to the people and updates the tree now; when one does, SQLite's own locking serialises the
+    write and the service, which watches the store's data_version, does both itself.
+    A :class:`CorrectionError` leaves the store as it was."""
+    from .pipeline import Organizer  # (pipeline imports the clustering, which reads corrections)
+
+    store = Store.open_for_edit(settings.db_path)
+    try:
+        result = change(Corrections(store))
+        if store.locked:
+            org = Organizer(settings, store, workers=1)
+            try:
+                org.apply_corrections()
+                org.reconcile()
+            finally:
+                org.close()
+        return result
+    finally:
+        store.close()

@@ -12,6 +12,7 @@ import io
 import logging
 import multiprocessing
 import os
+import stat
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -342,11 +343,12 @@ def _worker_init(parent: int) -> None:
 
 
 def _signature(path: Path) -> tuple[int, int] | None:
+    """(size, mtime) of a regular file; None for anything else (a FIFO would block a worker's read)."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return st.st_size, st.st_mtime_ns
+    return (st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
 
 
 class EncoderPool:
@@ -379,17 +381,21 @@ class EncoderPool:
 
     def prefetch(self, paths: Iterable[Path]) -> None:
         """Start encoding ``paths`` now, before map() asks for them: the workers keep busy while the
-        caller commits results and updates the tree. map() uses such a result only if the file's
-        size and mtime are unchanged since; one no later map() asked for (e.g. a duplicate) is
-        dropped after the next call to map()."""
+        caller commits results and updates the tree. The caller passes only paths its rules let
+        the workers read (check_readable: no symlink out of the watched folder, no FIFO); anything
+        but a regular file is skipped here too. map() uses such a result only if the file's size
+        and mtime are unchanged since; one no later map() asked for (e.g. a duplicate) is dropped
+        after the next call to map()."""
         if self.workers <= 0:
             return
         pool = self._ensure_pool()
         self._round += 1
         for path in paths:
             path = Path(path)
+            if path in self._ahead:
+                continue
             sig = _signature(path)
-            if path not in self._ahead and sig is not None:
+            if sig is not None:
                 self._ahead[path] = (pool.submit(analyze_photo, path, self.settings), sig, self._round)
 
     def _take_ahead(self, path: Path) -> cf.Future | None:

@@ -303,8 +303,8 @@ def reconcile(store: Store, output: Path, link_mode: str = "hardlink", max_pixel
     trusted: the cost is one pass over the store's rows plus what changed, not a stat of every
     entry of the tree (bench_output.py). Scans, the start and the periodic rescan verify.
 
-    ``logged``: errors already logged in this update (the caller's set, updated here): an entry
-    that fails again in the next batch is not logged again; one that fails anew is.
+    ``logged``: errors already logged in this update (the caller's set, added to here; a scan
+    starts a new one): an entry that fails again in the next batch is not logged again.
     """
     output = Path(output)
     report = ReconcileReport()
@@ -374,7 +374,6 @@ def reconcile(store: Store, output: Path, link_mode: str = "hardlink", max_pixel
         if logged is None or err not in logged:
             log.error("output: %s", err)
     if logged is not None:
-        logged.clear()
         logged.update(report.errors)
     _remember_errors(store, report.errors)
     log.debug("reconciled %s: %d created, %d removed, %d errors", output, report.created, report.removed,

@@ -91,7 +91,7 @@ class Organizer:
         self.encodings = EncodingUpgrade(store, self.encoder, self.watch, on_done=self.clustering.discard_state)
         self.layout = Layout(self.watch, self.output, Path(os.path.abspath(store.path)))
         self.last_tree = None  # the last ReconcileReport
-        self._tree_logged: set[str] = set()  # output errors already logged in this update
+        self._tree_logged: set[str] = set()  # output errors logged since the last scan began
         self._witnessed: set[str] = set()  # paths the watcher saw go while the folder was unavailable
         self._folder_events = FolderEvents(store)
         self._folder_events.update()  # the baseline: what the tree holds at the start
@@ -237,7 +237,8 @@ class Organizer:
                 break
             batch = todo[start : start + batch_size]
             # the next batch too: the workers encode it while this one is committed and the tree updated
-            self.encoder.prefetch(self._encodable(todo[start : start + 2 * batch_size]))
+            ahead = todo[start if start == 0 else start + batch_size : start + 2 * batch_size]
+            self.encoder.prefetch(self._encodable(ahead))
             self._process_batch(batch, report, tick, stop, settle_seconds)
             self.refresh(verify=False)  # a scan verifies the whole tree once at its end
         if done[0] < total:
@@ -246,14 +247,19 @@ class Organizer:
 
     def _encodable(self, paths: list[Path]) -> list[Path]:
         """The paths that pass :func:`check_readable`: only those may reach the workers, also
-        ahead of time (a symlink out of the watched folder is never read; a FIFO never opened)."""
-        out = []
+        ahead of time (a symlink out of the watched folder is never read; a FIFO never opened).
+        Copies of a photo the store knows, or of one already in the list, are left out: encoding
+        them ahead would be wasted (a folder of copies would be encoded in full)."""
+        out, seen = [], set()
         for path in paths:
             try:
                 check_readable(path, self.watch or path.parent)
+                sha = sha256_file(path)
             except IngestError:
                 continue  # _process_batch records why
-            out.append(path)
+            if sha not in seen and not self.store.known_sha(sha):
+                seen.add(sha)
+                out.append(path)
         return out
 
     def _process_batch(self, batch: list[Path], report: ScanReport, tick: Callable[[], None],

@@ -127,7 +127,7 @@ def m005_corrections(db: sqlite_utils.Database) -> None:
     (the final one is in ``faces``): the next start resumes the people layer from it."""
     db["corrections"].create(
         {"id": int, "kind": str, "person": int, "other": int, "name": str, "before": str,
-         "source": str, "created_at": float, "undone": int},
+         "source": str, "created_at": float, "undone": int, "horizon": int},
         pk="id", not_null={"kind", "source", "created_at"}, defaults={"undone": 0},
     )
     db["correction_faces"].create({"correction": int, "sha256": str, "idx": int})
@@ -175,6 +175,7 @@ class CorrectionRow:
     created_at: float
     undone: bool
     faces: list[int]  # current face ids (faces of photos no longer in the library are left out)
+    horizon: int = 0  # the highest face id when it was made: faces above it arrived later
 
 
 def _db_text(text: str) -> str | bytes:
@@ -761,8 +762,8 @@ class Store:
         """Record one correction (and the faces it is about); returns its id."""
         with self.db.atomic():
             cur = self.db.execute(
-                "insert into corrections (kind, person, other, name, before, source, created_at, undone)"
-                " values (?, ?, ?, ?, ?, ?, ?, 0)",
+                "insert into corrections (kind, person, other, name, before, source, created_at, undone, horizon)"
+                " values (?, ?, ?, ?, ?, ?, ?, 0, (select coalesce(max(id), 0) from faces))",
                 [kind, person, other, name, None if before is None else json.dumps(before), source, time.time()])
             cid = cur.lastrowid
             faces = [int(f) for f in faces]
@@ -783,9 +784,9 @@ class Store:
             faces.setdefault(corr, []).append(fid)
         where = "" if include_undone else " where undone=0"
         return [
-            CorrectionRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8]), faces.get(r[0], []))
+            CorrectionRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8]), faces.get(r[0], []), r[9] or 0)
             for r in self.db.execute(
-                "select id, kind, person, other, name, before, source, created_at, undone from corrections"
+                "select id, kind, person, other, name, before, source, created_at, undone, horizon from corrections"
                 f"{where} order by id")
         ]
 

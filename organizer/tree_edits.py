@@ -60,6 +60,7 @@ class _Moved:
     source: str
     ident: str
     dest: str | None  # where it is now (None: deleted)
+    put_back: bool = False  # the entry is in its place again (a tree update made it anew)
 
 
 def _top(relpath: str) -> str:
@@ -135,7 +136,7 @@ class TreeEdits:
                 if srcs:
                     srcs.sort(key=lambda s: (_top(s) == DOUBTFUL, s))
                     kind, source = manifest[srcs[0]]
-                    moved.append(_Moved(srcs[0], kind, source, ident, dest))
+                    moved.append(_Moved(srcs[0], kind, source, ident, dest, put_back=True))
                     present[ident].remove(srcs[0])
                     dests.remove(dest)
         self._act(moved, manifest, report)
@@ -176,8 +177,12 @@ class TreeEdits:
             by_dest: dict[str | None, list[_Moved]] = defaultdict(list)
             for m in ms:
                 by_dest[_top(m.dest) if m.dest else None].append(m)
-            whole = src_pid is not None and len(moved_links) == len(links_of_src) and len(by_dest) == 1
-            (only_dest,) = by_dest if len(by_dest) == 1 else (object(),)
+            # the folder as a whole (renamed, moved, deleted): judged by its links alone (a
+            # representative or montage moved over another folder's own is no sign either way)
+            link_dests = {_top(m.dest) if m.dest else None for m in moved_links}
+            whole = (src_pid is not None and moved_links and len(moved_links) == len(links_of_src)
+                     and len(link_dests) == 1)
+            (only_dest,) = link_dests if len(link_dests) == 1 else (object(),)
             if whole and only_dest is None and not os.path.isdir(self.output / src):
                 self._record(report, lambda: self.corrections.hide(src_pid, "folders"))
                 log.info("folder %s deleted: person %d hidden", src, src_pid)
@@ -288,7 +293,8 @@ class TreeEdits:
         update removes those no longer wanted there, as it does any entry of its own."""
         with self.store.db.atomic():
             for m in ms:
-                self.store.manifest_remove(m.relpath)
+                if not m.put_back:  # (one put back stays the organizer's: the update removes it)
+                    self.store.manifest_remove(m.relpath)
                 if m.dest is not None:
                     self.store.manifest_add(m.dest, m.kind, m.source)
                     self.store.manifest_set_ident(m.dest, m.ident)
@@ -298,7 +304,8 @@ class TreeEdits:
         the user moved stays theirs."""
         with self.store.db.atomic():
             for m in ms:
-                self.store.manifest_remove(m.relpath)
+                if not m.put_back:
+                    self.store.manifest_remove(m.relpath)
                 if m.dest is not None:
                     self._keep_out.add(m.dest)
 

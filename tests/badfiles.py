@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import io
 import json
+import hashlib
 import os
 import random
 import signal
@@ -326,10 +327,28 @@ def tree_index(output: Path) -> dict[tuple[int, int], set[str]]:
     return index
 
 
-def folders_holding(output: Path, photo: Path, index: dict | None = None) -> set[str]:
-    """Person folders (cluster_N or named, not doubtful/) with a link to ``photo``."""
-    st = os.stat(photo)
-    return set((tree_index(output) if index is None else index).get((st.st_dev, st.st_ino), set()))
+def folders_holding(output: Path, photo: Path, index: dict | None = None,
+                    copies: dict[Path, list[Path]] | None = None) -> set[str]:
+    """Person folders (cluster_N or named, not doubtful/) with a link to ``photo`` or, with
+    ``copies`` (:func:`identical_copies`), to any file with the same bytes: identical files are
+    linked once per folder, under one of their names."""
+    index = tree_index(output) if index is None else index
+    found: set[str] = set()
+    for p in (copies or {}).get(photo, [photo]):
+        st = os.stat(p)
+        found |= index.get((st.st_dev, st.st_ino), set())
+    return found
+
+
+def identical_copies(root: Path) -> dict[Path, list[Path]]:
+    """Every regular file under ``root`` (symlinks not followed) -> the files with its bytes."""
+    by_sha: dict[str, list[Path]] = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            p = Path(dirpath) / name
+            if p.is_file() and not p.is_symlink():
+                by_sha.setdefault(hashlib.sha256(p.read_bytes()).hexdigest(), []).append(p)
+    return {p: same for same in by_sha.values() for p in same}
 
 
 CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 1, 2

@@ -515,7 +515,8 @@ def test_output_disk_full_leaves_no_partial_files_and_recovers(tmp_path):
 def test_event_storm_and_missed_events_converge(tmp_path):
     """2,000 files land at once, and the watch loses sight of the folder for a while (moved
     away and back: the files added meanwhile get no event at their real path). The periodic
-    rescan converges to the full set: every path is in the store and linked in the tree."""
+    rescan converges to the full set: every path is in the store and every photo linked in the
+    tree (once: the copies are identical files)."""
     watch, output = _library(tmp_path)
     sources = sorted((DEV / A).iterdir())[4:7] + sorted((DEV / B).iterdir())[4:6]  # copies: no new encoding
     svc = _start(watch, output, tmp_path, settle_seconds=0.5, rescan_interval=4)
@@ -547,13 +548,18 @@ def test_event_storm_and_missed_events_converge(tmp_path):
                 return {p for (p,) in conn.execute("select path from photos where status='ok'")}
 
         wait_for(lambda: stored() == every, 300, "every path to be in the store", every=1.0)
-        from organizer.evaluate import photo_key, tree_assignment
+        def digest(p) -> str:
+            return hashlib.sha256(Path(p).read_bytes()).hexdigest()
 
-        def all_linked() -> bool:
-            linked = tree_assignment(output)
-            return all(linked.get(photo_key(Path(p))) for p in every)
+        wanted = {digest(p) for p in every}  # the copies hold the library's own 18 photos
 
-        wait_for(all_linked, 120, "every path to be linked", every=1.0)
+        def links() -> list[str]:
+            return [digest(e) for d in output.iterdir() if d.is_dir() and not d.name.startswith(".")
+                    and d.name != "doubtful" for e in d.iterdir() if e.name not in ("representative.jpg", "montage.jpg")]
+
+        # identical files are linked once per folder (README, duplicates): every content is linked
+        wait_for(lambda: wanted <= set(links()), 120, "every photo to be linked", every=1.0)
+        assert len(links()) == len(wanted), "a copy of a photo got a link of its own"
         assert svc.alive
         encoded = ENCODED.findall(svc.text())
         assert len(encoded) == 18, f"{len(encoded)} encodings for 18 distinct photos"
@@ -666,33 +672,35 @@ def _hand_edit(output: Path, watch: Path) -> dict:
 
 
 def _check_repaired(output: Path, edit: dict) -> None:
-    assert edit["deleted"].exists(), "the deleted link was not put back"
+    # a deleted link is a correction (issue 14): that face is rejected from the person, its photo
+    # goes to doubtful/; a deleted representative is put back
+    assert not edit["deleted"].exists(), "the deleted link was put back"
+    assert (output / "doubtful" / edit["deleted"].name).exists(), "the rejected photo is not in doubtful/"
     assert (edit["fb"] / "representative.jpg").is_file(), "the deleted face crop was not put back"
     for p, digest in edit["theirs"].items():
         assert p.is_file() and hashlib.sha256(p.read_bytes()).hexdigest() == digest, f"{p} was changed"
 
 
-def test_hand_edits_repaired_by_the_service_and_others_left_alone(tmp_path):
+def test_hand_edits_read_by_the_service_and_others_left_alone(tmp_path):
     watch, output = _library(tmp_path)
     originals = tree_hashes(watch)
     svc = _start(watch, output, tmp_path, settle_seconds=0.3, rescan_interval=2)
     try:
         wait_for(lambda: _sorted(output, watch), 120, "sorting")
         edit = _hand_edit(output, watch)
-        wait_for(lambda: edit["deleted"].exists() and (edit["fb"] / "representative.jpg").exists(), 30,
-                 "the periodic rescan to repair the tree")
+        wait_for(lambda: (output / "doubtful" / edit["deleted"].name).exists()
+                 and (edit["fb"] / "representative.jpg").exists(), 30, "the tree to be updated")
         _check_repaired(output, edit)
-        # a person folder renamed by hand: the organizer recreates its own folder and leaves the
-        # renamed one (now the person's own files) alone
+        # a person folder renamed by hand names the person (issue 14): its photos stay there, new
+        # links come there, and the person's own files in it are left alone
         renamed = output / "Mum"
         os.rename(edit["fa"], renamed)
-        before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in renamed.iterdir()}
-        photos_a = sorted((watch / A).iterdir())
-        wait_for(lambda: edit["fa"].is_dir() and all(edit["fa"].name in folders_holding(output, p) for p in photos_a),
-                 30, "the folder to be recreated")
-        time.sleep(2.5)  # one more rescan: still nothing of theirs touched
-        assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in renamed.iterdir()} == before
-        _check_repaired(output, {**edit, "theirs": {k: v for k, v in edit["theirs"].items() if edit["fa"] not in k.parents}})
+        photos_a = [p for p in sorted((watch / A).iterdir()) if p.name != edit["deleted"].name]
+        wait_for(lambda: all(folders_holding(output, p) == {"Mum"} for p in photos_a), 30, "the name")
+        time.sleep(2.5)  # one more rescan: nothing of theirs touched, no folder of the old name
+        assert not edit["fa"].exists()
+        moved = {k.name: v for k, v in edit["theirs"].items() if edit["fa"] in k.parents}
+        assert {n: hashlib.sha256((renamed / n).read_bytes()).hexdigest() for n in moved} == moved
         assert svc.alive
     finally:
         code = svc.stop()

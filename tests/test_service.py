@@ -158,6 +158,7 @@ def test_naming_while_running_renames_folder(tmp_path, config):
         _wait(lambda: (output / "Colin Powell" / photo.name).exists(), 30, "the renamed folder")
         _wait(lambda: not (output / f"cluster_{cid}").exists(), 30, "the old folder to go")
         assert (output / "Colin Powell" / "representative.jpg").is_file()
+        assert f"person folder renamed: cluster_{cid} -> Colin Powell" in svc.text()
     finally:
         assert svc.stop() == 0
     assert tree_hashes(watch) == originals

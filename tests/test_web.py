@@ -18,6 +18,7 @@ from PIL import Image
 from starlette.testclient import TestClient
 
 from organizer.config import load_config
+from organizer.montage import MONTAGE
 from organizer.output import face_crop
 from organizer.store import Store
 from organizer.web import app as webapp
@@ -130,7 +131,7 @@ def test_doubtful_page_groups_every_doubtful_face_with_its_reason(lib, user):
     assert set(faces) == set(doubtful)
     for fid, body in faces.items():
         assert html.escape(doubtful[fid].doubt_reason, quote=False) in body
-    on_disk = {p.name for p in (lib.output / "doubtful").iterdir() if p.is_file() and p.name != "montage.jpg"}
+    on_disk = {p.name for p in (lib.output / "doubtful").iterdir() if p.is_file() and p.name != MONTAGE}
     assert {html.unescape(n) for n in re.findall(r'class="photo" title="([^"]+)"', page)} == on_disk
 
 
@@ -348,6 +349,14 @@ def test_organizer_web_prints_its_address_and_serves_it(lib, tmp_path):
                 reply = b"".join(iter(lambda: sock.recv(65536), b""))
             assert reply.split(b" ", 2)[1] in (b"400", b"404"), (raw, reply[:200])
             assert b"root:" not in reply
+        # another site's name pointed at 127.0.0.1 (DNS rebinding): refused, cookie or not
+        for name in ("evil.example", "127.0.0.1.evil.example"):
+            with socket.create_connection((host, int(port)), timeout=30) as sock:
+                sock.sendall(f"GET / HTTP/1.1\r\nHost: {name}:{port}\r\nCookie: {session}\r\n"
+                             "Connection: close\r\n\r\n".encode())
+                reply = b"".join(iter(lambda: sock.recv(65536), b""))
+            assert reply.split(b" ", 2)[1] == b"400" and b"unexpected Host" in reply, name
+        assert "People" in opener.open(f"http://localhost:{port}/?token={web.url.split('token=')[1]}", timeout=30).read().decode()
     finally:
         assert web.stop() == 0
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from organizer.config import Settings, load_config
+from organizer.montage import MONTAGE
+from organizer.output import REPRESENTATIVE
 
 from .conftest import DEV, organizer_cmd, run_organizer, tree_hashes
 
@@ -26,7 +28,7 @@ class WebLibrary:
 
     def folders(self) -> dict[str, set[str]]:
         """Person folder -> names of the photos in it (representative.jpg and montage.jpg left out)."""
-        return {d.name: {e.name for e in d.iterdir() if e.name not in ("representative.jpg", "montage.jpg")}
+        return {d.name: {e.name for e in d.iterdir() if e.name not in (REPRESENTATIVE, MONTAGE)}
                 for d in self.output.iterdir() if d.is_dir() and not d.name.startswith(".")
                 and d.name != "doubtful"}
 

@@ -1,4 +1,5 @@
-"""The review page's routes: People, a Person, Doubtful, and the face and photo images.
+"""The review page's routes: People, a Person, Doubtful, Corrections, the face and photo images,
+and the actions (each one correction of :mod:`organizer.corrections`, made with source "page").
 
 Pages are rendered on the server (Jinja2); the browser needs no build step and runs a few lines
 of plain JavaScript (static/app.js) at most. Reads go through the store's public query methods on
@@ -33,8 +34,8 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from ..config import Settings
+from ..corrections import CorrectionError, Corrections, describe, record
 from ..ingest import IngestError, open_upright
-from ..corrections import CorrectionError, Corrections, describe
 from ..output import face_crop, folder_name
 from ..store import Face, Store, StoreError
 from .security import LOGIN, Guard, Secrets, give_cookie, same
@@ -139,30 +140,15 @@ class Review:
         return cached[1]
 
     def edit(self, change: Callable[[Corrections], str]) -> str:
-        """Record one correction through :class:`organizer.corrections.Corrections` (source
-        "page"), in a write of its own, as the CLI's corrections do: when no service holds the
-        store, this process takes the writer's lock and applies it to the people and the folders
-        itself; when one does, SQLite's own locking serialises the write and the service, which
-        watches the store's data_version, applies it."""
+        """Make one correction (source "page") through :func:`organizer.corrections.record`, as
+        the CLI does: beside a running service it is one write through SQLite's locking, which the
+        service notices (data_version) and applies; with none, this process applies it and
+        updates the folders itself. One at a time from this page."""
         with self._write_lock:
-            store = Store.open_for_edit(self.db_path)
             try:
-                try:
-                    message = change(Corrections(store))
-                except CorrectionError as exc:
-                    raise UserError(str(exc)) from None
-                if store.locked:
-                    from ..pipeline import Organizer
-
-                    org = Organizer(self.settings, store, workers=1)
-                    try:
-                        org.apply_corrections()
-                        org.reconcile()
-                    finally:
-                        org.close()
-            finally:
-                store.close()
-        return message
+                return record(self.settings, change)
+            except CorrectionError as exc:
+                raise UserError(str(exc)) from None
 
     # ---- rendering -----------------------------------------------------------------------
     def render(self, request: Request, name: str, **context) -> Response:

@@ -3,6 +3,7 @@
 * Every request needs the session cookie. The cookie is given once, in exchange for the random
   token of the address printed at start (as Jupyter does), or for the configured password on the
   login form. Token and password are compared in constant time.
+* On a loopback address, only requests for a loopback name (Host: 127.0.0.1, localhost, ::1).
 * Every POST (every request that changes something) carries the page's CSRF token in its form;
   other methods than GET, HEAD and POST are refused. The cookie is SameSite=Strict and HttpOnly.
 * Responses forbid framing, sniffing, referrers (the token is in the first address) and any
@@ -39,11 +40,14 @@ def same(a: str | None, b: str) -> bool:
 class Secrets:
     """The secrets of one server run: new ones at every start (a restart logs everyone out)."""
 
-    def __init__(self, password: str | None = None):
+    def __init__(self, password: str | None = None, hosts: frozenset[str] | None = None):
         self.token = secrets.token_urlsafe(24)  # in the printed address (unused with a password)
         self.session = secrets.token_urlsafe(32)  # the cookie's value
         self.csrf = secrets.token_urlsafe(32)  # in every form
         self.password = password
+        # the only Host names accepted (None: any). On 127.0.0.1 only the loopback names: a page
+        # of another site whose name is made to point at 127.0.0.1 (DNS rebinding) is refused
+        self.hosts = hosts
 
 
 def give_cookie(response: Response, keys: Secrets) -> None:
@@ -74,6 +78,8 @@ class Guard:
         if request.method not in ("GET", "HEAD", "POST"):
             return PlainTextResponse("method not allowed", 405)
         keys = self.keys
+        if keys.hosts is not None and request.url.hostname not in keys.hosts:
+            return PlainTextResponse("unexpected Host: open the address printed when the page was started", 400)
         token = request.query_params.get("token")
         if token is not None and keys.password is None:
             if not same(token, keys.token):

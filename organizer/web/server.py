@@ -22,6 +22,9 @@ from .security import Secrets
 log = logging.getLogger(__name__)
 
 
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
 class WebError(Exception):
     """The page cannot be served (the address cannot be bound)."""
 
@@ -57,7 +60,8 @@ class WebServer:
     def __init__(self, settings: Settings, host: str | None = None, port: int | None = None):
         web = settings.web
         self.host = host or web.host
-        self.keys = Secrets(web.password.get_secret_value() if web.password else None)
+        self.keys = Secrets(web.password.get_secret_value() if web.password else None,
+                            LOOPBACK_NAMES if is_local(self.host) else None)
         self.app = create_app(settings, self.keys)
         self._sock = _bind(self.host, web.port if port is None else port)
         self.port = self._sock.getsockname()[1]
