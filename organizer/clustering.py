@@ -90,7 +90,8 @@ class Clustering:
         faces = self.store.usable_encodings(self.min_size, self.min_sharpness)
         t0 = time.monotonic()
         labels = cluster_labels(algorithm, faces.encodings, self.cfg)
-        log.info("batch %s over %d faces: %d clusters in %.1f s", algorithm, len(faces),
+        log.info("batch %s over %d faces: %d clusters in %.1f s",
+                 "DBSCAN (scikit-learn)" if algorithm == "dbscan" else algorithm, len(faces),
                  len(set(labels.tolist()) - {-1}), time.monotonic() - t0)
         clusters = {int(lab): faces.ids[labels == lab].tolist() for lab in np.unique(labels) if lab >= 0}
         self._meta = self._meta_of(faces)

@@ -38,7 +38,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
+
 from .corrections import CorrectionError, Corrections
+from .ingest import IngestError, open_regular
 from .output import DOUBTFUL, REPRESENTATIVE, _ident, folder_name, validate_person_name
 from .store import TREE_UNCLEAR, Store
 
@@ -119,10 +122,14 @@ class TreeEdits:
         moved: list[_Moved] = []
         for rp in sorted(missing):
             kind, source = manifest[rp]
-            dests = by_ident.get(idents[rp], [])
+            # a deleted entry's inode number may be reused by a new file of the user's: a file with
+            # the same identity counts as the entry moved only if it is still that entry
+            dests = [d for d in by_ident.get(idents[rp], []) if _still_entry(self.output / d, kind, source)]
             # several candidates (one photo linked from several folders): the same name first
             dests.sort(key=lambda d: (d.rsplit("/", 1)[-1] != rp.rsplit("/", 1)[-1], d))
-            dest = dests.pop(0) if dests else None
+            dest = dests[0] if dests else None
+            if dest is not None:
+                by_ident[idents[rp]].remove(dest)
             moved.append(_Moved(rp, kind, source, idents[rp], dest))
         # a file with the identity of an entry still in place: the entry was put back by a tree
         # update while the user moved it (or hard-linked it): the move counts, the entry goes
@@ -308,6 +315,19 @@ class TreeEdits:
                     self.store.manifest_remove(m.relpath)
                 if m.dest is not None:
                     self._keep_out.add(m.dest)
+
+
+def _still_entry(path: Path, kind: str, source: str) -> bool:
+    """Is the file at ``path`` (found with a missing entry's identity) that entry, moved? A link
+    is the original photo itself (a hard link) or as large as it (a symlink's target is its
+    identity; a copy); a face crop or montage is a JPEG image (the organizer writes no other)."""
+    try:
+        if kind == "link":
+            return path.is_symlink() or os.path.samefile(path, source) or _same_size(path, source)
+        with open_regular(path) as fh, Image.open(fh) as im:  # (a FIFO of the user's is not opened)
+            return im.format == "JPEG"
+    except (OSError, ValueError, IngestError):
+        return False
 
 
 def _same_size(path: Path, source: str) -> bool:

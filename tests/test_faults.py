@@ -475,7 +475,7 @@ def test_output_disk_full_leaves_no_partial_files_and_recovers(tmp_path):
     back to symlinks (another file system), face crops cannot be written. No half-written file
     is left behind; once there is room, the next rescan completes the tree."""
     output = tmp_path / "small"
-    if not _mount_tmpfs(output, "40k"):
+    if not _mount_tmpfs(output, "1m"):  # (room for the montages once the filler goes)
         pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN)")
     try:
         watch, _ = _library(tmp_path)
@@ -687,6 +687,9 @@ def test_hand_edits_read_by_the_service_and_others_left_alone(tmp_path):
     svc = _start(watch, output, tmp_path, settle_seconds=0.3, rescan_interval=2)
     try:
         wait_for(lambda: _sorted(output, watch), 120, "sorting")
+        # links appear as photos finish; the face crops with the update after the batch
+        wait_for(lambda: all((output / _folder_of(output, watch, p) / "representative.jpg").is_file()
+                             for p in (A, B)), 60, "the face crops")
         edit = _hand_edit(output, watch)
         wait_for(lambda: (output / "doubtful" / edit["deleted"].name).exists()
                  and (edit["fb"] / "representative.jpg").exists(), 30, "the tree to be updated")
