@@ -387,10 +387,10 @@ def assign(settings: Settings, photo: Path, person: str):
         if target is None:
             face = c.face_for(photo, -1, reject=False, output=out)
             pid = c.split(person, [face])
-            return f"{photo} is now in {c._label(pid)} (a new person, id {pid})"
+            return f"{photo} is now in {c.label(pid)} (a new person, id {pid})"
         face = c.face_for(photo, target, reject=False, output=out)
         c.assign([face], target, from_person=c.store.face(face).cluster_id)
-        return f"{photo} is now in {c._label(target)}"
+        return f"{photo} is now in {c.label(target)}"
 
     click.echo(_correct(settings, change))
 
@@ -416,7 +416,7 @@ def reject(settings: Settings, photo: Path, person: str):
     def change(c):
         pid = c.person_id(person)
         c.reject([c.face_for(photo, pid, reject=True, output=settings.paths.output)], pid)
-        return f"{photo} is no longer in {c._label(pid)}"
+        return f"{photo} is no longer in {c.label(pid)}"
 
     click.echo(_correct(settings, change))
 
@@ -432,7 +432,7 @@ def merge(settings: Settings, a: str, b: str):
     def change(c):
         pa, pb = c.person_id(a), c.person_id(b)
         c.merge(pa, pb)
-        return f"{a} merged into {c._label(pb)}"
+        return f"{a} merged into {c.label(pb)}"
 
     click.echo(_correct(settings, change))
 
@@ -477,7 +477,7 @@ def undo(settings: Settings):
 
     def change(c):
         done = c.undo()
-        return "nothing to undo" if done is None else f"undone: {describe(done, c._label)}"
+        return "nothing to undo" if done is None else f"undone: {describe(done, c.label)}"
 
     click.echo(_correct(settings, change))
 
@@ -494,7 +494,7 @@ def corrections(settings: Settings, as_json: bool):
     with Store.open_readonly(settings.db_path) as store:
         c = Corrections(store)
         rows = c.history()
-        lines = [(r, describe(r, c._label)) for r in rows]
+        lines = [(r, describe(r, c.label)) for r in rows]
     if as_json:
         click.echo(json.dumps([dict(as_dict(r), text=t) for r, t in lines], indent=2))
         return

@@ -121,7 +121,7 @@ class Corrections:
         if reject:
             mine = [f for f in faces if f.cluster_id == person]
             if not mine:
-                raise CorrectionError(f"no face of {photo} is in {self._label(person)}")
+                raise CorrectionError(f"no face of {photo} is in {self.label(person)}")
             return mine[0].id
         if len(faces) == 1:
             return faces[0].id
@@ -132,7 +132,8 @@ class Corrections:
                 return pick[0].id
         raise CorrectionError(f"{photo} holds {len(faces)} faces; move its link from the folder of the face you mean")
 
-    def _label(self, person: int) -> str:
+    def label(self, person: int) -> str:
+        """The person's folder name (cluster_<id> or the name): how the CLI and the page name them."""
         p = self.store.person(person)
         return folder_name(person, p["name"] if p else None)
 

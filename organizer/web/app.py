@@ -307,7 +307,7 @@ class Review:
 
         def change(c: Corrections) -> str:
             c.reject(faces, cid, source=SOURCE)
-            return f"{_n(faces)} no longer in {c._label(cid)} (see Doubtful)"
+            return f"{_n(faces)} no longer in {c.label(cid)} (see Doubtful)"
 
         return await run_in_threadpool(self.edit, change)
 
@@ -318,9 +318,9 @@ class Review:
         def change(c: Corrections) -> str:
             target = self._target(c, form)
             if target == cid:
-                raise UserError(f"those faces are in {c._label(cid)} already")
+                raise UserError(f"those faces are in {c.label(cid)} already")
             c.assign(faces, target, source=SOURCE, from_person=cid)
-            return f"{_n(faces)} moved to {c._label(target)}"
+            return f"{_n(faces)} moved to {c.label(target)}"
 
         return await run_in_threadpool(self.edit, change)
 
@@ -333,7 +333,7 @@ class Review:
 
         def change(c: Corrections) -> str:
             pid = c.split(name, faces, source=SOURCE, from_person=cid)
-            return f"new person {c._label(pid)} with {_n(faces)} from {c._label(cid)}"
+            return f"new person {c.label(pid)} with {_n(faces)} from {c.label(cid)}"
 
         return await run_in_threadpool(self.edit, change)
 
@@ -341,9 +341,9 @@ class Review:
         cid = self._person(request)["id"]
 
         def change(c: Corrections) -> str:
-            target, before = self._target(c, form), c._label(cid)
+            target, before = self._target(c, form), c.label(cid)
             c.merge(cid, target, source=SOURCE)
-            return f"{before} merged into {c._label(target)}"
+            return f"{before} merged into {c.label(target)}"
 
         return await run_in_threadpool(self.edit, change)
 
@@ -352,7 +352,7 @@ class Review:
 
         def change(c: Corrections) -> str:
             c.hide(cid, source=SOURCE)
-            return f"{c._label(cid)} is hidden: no folder, and their future faces go nowhere"
+            return f"{c.label(cid)} is hidden: no folder, and their future faces go nowhere"
 
         return await run_in_threadpool(self.edit, change)
 
@@ -361,7 +361,7 @@ class Review:
 
         def change(c: Corrections) -> str:
             c.unhide(cid, source=SOURCE)
-            return f"{c._label(cid)} is shown again"
+            return f"{c.label(cid)} is shown again"
 
         return await run_in_threadpool(self.edit, change)
 
@@ -372,7 +372,7 @@ class Review:
             target = self._target(c, form)
             for fid in faces:
                 c.assign([fid], target, source=SOURCE, from_person=c.store.face(fid).cluster_id)
-            return f"{_n(faces)} now in {c._label(target)}"
+            return f"{_n(faces)} now in {c.label(target)}"
 
         return await run_in_threadpool(self.edit, change)
 
@@ -391,13 +391,13 @@ class Review:
     async def undo(self, request: Request, form) -> str:
         def change(c: Corrections) -> str:
             done = c.undo()
-            return "nothing to undo" if done is None else f"undone: {describe(done, c._label)}"
+            return "nothing to undo" if done is None else f"undone: {describe(done, c.label)}"
 
         return await run_in_threadpool(self.edit, change)
 
     async def corrections_page(self, request: Request) -> Response:
         c = Corrections(self.store())
-        rows = [(r, describe(r, c._label)) for r in reversed(c.history())]
+        rows = [(r, describe(r, c.label)) for r in reversed(c.history())]
         return self.render(request, "corrections.html", rows=rows,
                            when={r.id: time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created_at)) for r, _ in rows})
 
