@@ -21,11 +21,13 @@ PEOPLE = ("Tony_Blair", "Colin_Powell", "Hugo_Chavez")
 
 
 def layout(output: Path) -> dict[str, set[str]]:
-    """Top-level folder -> names of the photo links in it (representatives and crops aside)."""
+    """Top-level folder -> names of the photo links in it (representatives, montages and the hidden
+    ".<name>.tmp" a crop is written to before it takes its name aside: a running service may be mid-write)."""
     out = {}
     for d in sorted(output.iterdir()):
         if d.is_dir() and not d.name.startswith("."):
-            out[d.name] = {e.name for e in d.iterdir() if e.is_file() and e.name not in ("representative.jpg", "montage.jpg")}
+            out[d.name] = {e.name for e in d.iterdir() if e.is_file() and not e.name.startswith(".")
+                           and e.name not in ("representative.jpg", "montage.jpg")}
     return out
 
 

@@ -27,7 +27,7 @@ def _folders_of(output: Path, photo: Path) -> set[str]:
     for d in output.iterdir():
         if d.is_dir() and d.name.startswith("cluster_"):
             for e in d.iterdir():
-                if e.name != "representative.jpg" and photo_key(e) == key:
+                if e.name != "representative.jpg" and not e.name.startswith(".") and photo_key(e) == key:
                     found.add(d.name)
     return found
 

@@ -27,8 +27,10 @@ class WebLibrary:
     originals: dict[str, str]
 
     def folders(self) -> dict[str, set[str]]:
-        """Person folder -> names of the photos in it (representative.jpg and montage.jpg left out)."""
-        return {d.name: {e.name for e in d.iterdir() if e.name not in (REPRESENTATIVE, MONTAGE)}
+        """Person folder -> names of the photos in it (representative.jpg, montage.jpg and the hidden
+        temporary file a crop is written to left out: the service may be mid-write)."""
+        return {d.name: {e.name for e in d.iterdir() if e.name not in (REPRESENTATIVE, MONTAGE)
+                         and not e.name.startswith(".")}
                 for d in self.output.iterdir() if d.is_dir() and not d.name.startswith(".")
                 and d.name != "doubtful"}
 
