@@ -264,6 +264,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1000,10000,100000")
     ap.add_argument("--photos", type=int, default=200)
+    ap.add_argument("--corrections-only", action="store_true",
+                    help="only the cost of corrections: engine + people with and without 1%% of faces corrected")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", default="", help=argparse.SUPPRESS)
@@ -279,6 +281,10 @@ def main() -> None:
         print(json.dumps(fn()))
         return
 
+    if args.corrections_only:
+        for n in [int(s) for s in args.sizes.split(",")]:
+            corrections_only(n, args.photos)
+        return
     ratio_100k = float("nan")
     rows = []
     for n in [int(s) for s in args.sizes.split(",")]:
@@ -341,6 +347,27 @@ def main() -> None:
     for n, b, e, m, p, r, start, rss, rss0 in rows:
         print(f"| {n:,} | {b:.2f} | {e:.2f} | {m:.2f} | {p:.2f} | {r:.0f}x | {start:.2f} | {rss:.0f} | {rss0:.0f} |")
     print(f"ratio_100k={ratio_100k:.0f}")
+
+
+def corrections_only(n: int, n_photos: int) -> None:
+    """The corrections' cost alone: the same photos added with and without 1% of the faces
+    corrected, both measured in this run (the ratio is what to compare across runs)."""
+    print(f"\n== N = {n:,} faces: corrections' cost ({n_photos} photos) ==", flush=True)
+    with tempfile.TemporaryDirectory() as workdir:
+        prep = run_worker("prepare", n, n_photos, timeout=7200, workdir=workdir)
+        print(f"  prepare: {prep}", flush=True)
+        eng = run_worker("engine", n, n_photos, timeout=7200, workdir=workdir)
+        corrected = run_worker("corrected", n, n_photos, timeout=7200, workdir=workdir)
+    if "error" in eng or "error" in corrected:
+        print(f"  engine: {eng}\n  corrected: {corrected}")
+        return
+    print(f"  engine + people, per photo:     median {eng['update_median_ms']:7.2f} ms   p95 {eng['update_p95_ms']:7.2f} ms"
+          f"   (people derived from scratch {eng['derive_s']:.1f} s)")
+    print(f"  with 1% of faces corrected:     median {corrected['update_median_ms']:7.2f} ms   "
+          f"p95 {corrected['update_p95_ms']:7.2f} ms   ({corrected['corrected']} corrections; applying "
+          f"all of them from scratch {corrected['apply_full_s']:.2f} s)")
+    print(f"  corrected / uncorrected:        median {corrected['update_median_ms'] / eng['update_median_ms']:.2f}x   "
+          f"p95 {corrected['update_p95_ms'] / eng['update_p95_ms']:.2f}x")
 
 
 if __name__ == "__main__":
