@@ -18,6 +18,7 @@ from .config import Settings
 from .encode import encoder_id
 from .executors import make_encoder
 from .ingest import IngestError, check_readable, discover, sha256_file
+from .known import KnownPeople
 from .layout import Layout, WatchState
 from .output import FolderEvents, reconcile
 from .reencode import EncodingUpgrade
@@ -89,7 +90,9 @@ class Organizer:
         self._retry_failed = True  # failed files are retried once per start-up
         self.clustering = Clustering(store, settings, encoder_id(self.encoder.settings))
         self.encodings = EncodingUpgrade(store, self.encoder, self.watch, on_done=self.clustering.discard_state)
-        self.layout = Layout(self.watch, self.output, Path(os.path.abspath(store.path)))
+        self.known = KnownPeople(store, settings, self.encoder, encoder_id(self.encoder.settings))
+        self.layout = Layout(self.watch, self.output, Path(os.path.abspath(store.path)),
+                             Path(os.path.abspath(settings.paths.known)) if settings.paths.known else None)
         self.last_tree = None  # the last ReconcileReport
         self._tree_logged: set[str] = set()  # output errors logged since the last scan began
         self._witnessed: set[str] = set()  # paths the watcher saw go while the folder was unavailable
@@ -377,6 +380,7 @@ class Organizer:
         ``algorithm``: another batch method, for comparison (see :meth:`Clustering.recluster`)."""
         self.upgrade_encodings()
         self.clustering.recluster(algorithm)
+        self._vote_known(rescan=True)
 
     def refresh(self, verify: bool = True) -> None:
         """Update clusters (incrementally) and reconcile the output tree with the store
@@ -384,9 +388,16 @@ class Organizer:
         t0 = time.monotonic()
         self.upgrade_encodings()  # before any clustering: distances compare like with like
         self.clustering.update()
+        self._vote_known(rescan=verify)
         self.reconcile(verify)
         self._refreshed_at = time.monotonic()
         self._refresh_cost = self._refreshed_at - t0
+
+    def _vote_known(self, rescan: bool) -> None:
+        """Name the new faces of known people (:mod:`organizer.known`; ``rescan``: read the reference
+        photos again) and apply the corrections that made."""
+        if self.known.update(rescan):
+            self.clustering.apply_corrections()
 
     def apply_corrections(self) -> bool:
         """Apply corrections recorded since the last update (see :meth:`Clustering.apply_corrections`)."""

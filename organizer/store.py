@@ -25,7 +25,7 @@ from .logs import printable
 from .storefile import APP_ID, StoreError, StoreLocked, check_file, require_existing, take_lock
 
 __all__ = ["Store", "StoreError", "StoreLocked", "PhotoFile", "PhotoState", "FaceVectors", "FaceClustering", "Face",
-           "CorrectionRow"]
+           "CorrectionRow", "ReferenceFaces"]
 
 migrations = Migrations("organizer")
 
@@ -144,6 +144,14 @@ def m005_corrections(db: sqlite_utils.Database) -> None:
             [cid, name, now])
         db.execute("insert into correction_faces (correction, sha256, idx) select ?, sha256, idx from faces"
                    " where cluster_id=? and doubtful=0", [cur.lastrowid, cid])
+
+
+@migrations()
+def m006_reference_faces(db: sqlite_utils.Database) -> None:
+    """The known people's reference photos, encoded (known.py): by file content and encoder, so a
+    rescan of the reference folder encodes only photos it has not seen."""
+    db["reference_faces"].create({"sha256": str, "encoder": str, "faces": int, "encoding": bytes},
+                                 pk=("sha256", "encoder"))
 
 
 @dataclass
@@ -864,3 +872,24 @@ class Store:
         if not row or row[0] is None:
             return []
         return self.faces_where("sha256=? order by idx", [row[0]])
+
+
+class ReferenceFaces:
+    """The known people's reference faces, one per reference photo, by its sha256 and the encoder
+    that made it (``reference_faces``; see organizer/known.py)."""
+
+    def __init__(self, store: Store):
+        self.db = store.db
+
+    def get(self, sha256: str, encoder: str) -> tuple[int, np.ndarray | None] | None:
+        """(faces found in the photo, the reference face's encoding or None), or None if unknown."""
+        row = self.db.execute("select faces, encoding from reference_faces where sha256=? and encoder=?",
+                              [sha256, encoder]).fetchone()
+        if row is None:
+            return None
+        return row[0], None if row[1] is None else np.frombuffer(row[1], dtype=np.float64).copy()
+
+    def put(self, sha256: str, encoder: str, faces: int, encoding: np.ndarray | None) -> None:
+        blob = None if encoding is None else np.asarray(encoding, dtype=np.float64).tobytes()
+        self.db.execute("insert or replace into reference_faces (sha256, encoder, faces, encoding) values (?, ?, ?, ?)",
+                        [sha256, encoder, faces, blob])
