@@ -59,9 +59,9 @@ class ClusteringConfig(_Section):
     min_samples: int = Field(3, ge=1)
     doubt_margin: float = Field(0.035, ge=0, lt=2)
     linkage_threshold: float = Field(0.38, ge=0, lt=2, description="average-linkage split of DBSCAN clusters; 0 = off")
-    known_k: int = Field(3, ge=1, le=50, description="known people: reference faces that vote on each face")
+    known_k: int = Field(1, ge=1, le=50, description="known people: reference faces that vote on each face")
     known_tolerance: float = Field(
-        0.40, gt=0, lt=2, description="known people: a reference face farther than this from a face has no vote")
+        0.34, gt=0, lt=2, description="known people: a reference face farther than this from a face has no vote")
 
     def shape(self) -> dict:
         """The settings that shape the clusters (the known-people vote only makes corrections)."""

@@ -49,6 +49,7 @@ class Rules:
     merged: dict[int, int] = field(default_factory=dict)  # person -> person it was merged into
     pinned: set[int] = field(default_factory=set)  # persons a correction refers to: never deleted
     names: dict[int, str] = field(default_factory=dict)
+    seeds: set[int] = field(default_factory=set)  # anchored faces whose anchor is the known-people vote
 
     @classmethod
     def from_store(cls, store: Store) -> "Rules":
@@ -63,9 +64,11 @@ class Rules:
                     r.anchor[f] = c.person
                     r.horizon[f] = c.horizon
                     r.rejected.get(f, set()).discard(c.person)
+                    (r.seeds.add if c.source == "known" else r.seeds.discard)(f)
             elif c.kind == "reject":
                 for f in c.faces:
                     r.rejected.setdefault(f, set()).add(c.person)
+                    r.seeds.discard(f)
                     if r.anchor.get(f) == c.person:
                         del r.anchor[f]
             elif c.kind == "merge":
@@ -94,7 +97,7 @@ class Rules:
 
     def key(self) -> tuple:
         return (sorted(self.anchor.items()), sorted((f, sorted(p)) for f, p in self.rejected.items()),
-                sorted(self.merged.items()), sorted(self.horizon.items()))
+                sorted(self.merged.items()), sorted(self.horizon.items()), sorted(self.seeds))
 
 
 Vecs = Callable[[list[int]], np.ndarray]
@@ -161,7 +164,10 @@ class Constraints:
         others = {p for p in anchored.values() if p != own}
         free = [f for f in faces if f not in anchored]
         person: dict[int, int | None] = {f: own for f in free}
-        if c is not None and others and free:
+        seeded = self._seeded_as(c, own, anchored, len(faces))
+        if seeded is not None:
+            person = {f: seeded for f in free}
+        elif c is not None and others and free:
             # a merged group the user told apart: each free face goes to its nearest person
             candidates: dict[int | None, list[int]] = {}
             for f, p in anchored.items():
@@ -208,6 +214,19 @@ class Constraints:
             else:
                 out[f] = FaceAssignment(p, a.doubtful, a.reason, p)
         return out
+
+    def _seeded_as(self, c: int | None, own: int | None, anchored: dict[int, int], size: int) -> int | None:
+        """The known person a raw group is, if it is one: more than half of its faces were named
+        so by the known-people vote (and nothing else), and its own person is nobody the user
+        named or corrected. Then its other faces follow (the vote is strict: a few faces of a
+        known person miss it, and the clustering found them with the others); else None."""
+        r = self.rules
+        if c is None or own in r.pinned or own in r.names or 2 * len(anchored) <= size:
+            return None
+        people = set(anchored.values())
+        if len(people) != 1 or not set(anchored) <= r.seeds:
+            return None
+        return people.pop()
 
     def _constrained_groups(self, cid: dict[int, int | None]) -> set[int | None]:
         """Raw groups a correction is about (None: faces no group holds)."""

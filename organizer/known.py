@@ -1,9 +1,9 @@
 """Known people: a folder of reference photos (``paths.known``, one sub-folder per person) seeds
 named people from the first scan.
 
-A face goes to a known person when its nearest reference faces agree (:func:`vote`: of its
-``clustering.known_k`` nearest reference faces, those within ``clustering.known_tolerance`` vote,
-and one name must have more than half of those votes); the other faces are clustered as usual.
+A face goes to a known person when its nearest reference faces agree (:func:`vote`: more than
+half of its ``clustering.known_k`` nearest reference faces are within ``clustering.known_tolerance``
+and of that person); the other faces are clustered as usual.
 
 The vote is recorded as corrections (``assign``, source ``known``), the same rows a user's
 corrections are, so the people layer (constraints.py) treats a known person like a person the
@@ -51,14 +51,13 @@ class References:
 
 
 def vote(refs: np.ndarray, names: list[str], faces: np.ndarray, k: int, tolerance: float) -> list[str | None]:
-    """The known person of each face (a row of ``faces``), or None: of its ``k`` nearest reference
-    faces, those within ``tolerance`` vote, and a name needs more than half of those votes (a tie,
-    or no reference face near enough, names nobody). Brute force: a few hundred reference faces
-    against one batch (or, after the references changed, the library in chunks)."""
+    """The known person of each face (a row of ``faces``), or None: more than half of its ``k``
+    nearest reference faces must be within ``tolerance`` and of that person (a reference face
+    farther away is a vote against; with k = 3 a person needs two reference photos). Brute force:
+    a few hundred reference faces against one batch (or, when they changed, the library in chunks)."""
     out: list[str | None] = [None] * len(faces)
     if len(refs) == 0 or len(faces) == 0:
         return out
-    k = min(k, len(refs))
     rr = (refs * refs).sum(1)
     for s in range(0, len(faces), 2048):
         x = faces[s : s + 2048]
@@ -67,8 +66,8 @@ def vote(refs: np.ndarray, names: list[str], faces: np.ndarray, k: int, toleranc
         for i, row in enumerate(nearest):
             votes = Counter(names[j] for j in row if d[i, j] <= tolerance)
             if votes:
-                (name, n), *rest = votes.most_common(2)
-                if 2 * n > sum(votes.values()) and (not rest or rest[0][1] < n):
+                name, n = votes.most_common(1)[0]
+                if 2 * n > k:
                     out[s + i] = name
     return out
 
