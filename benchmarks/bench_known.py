@@ -1,7 +1,7 @@
 """Known people: choose ``clustering.known_k`` and ``clustering.known_tolerance`` on tune/, report
 them on dev/.
 
-    uv run python benchmarks/bench_known.py [--refs 2] [--precision 0.99] [--workers N]
+    uv run python benchmarks/bench_known.py [--refs 2] [--precision 0.99] [--dev-refs 2,3,4] [--workers N]
 
 Each set is scanned once with the real pipeline into the cached store bench_accuracy.py uses
 (~/.cache/organizer-bench/). The people of a set are split in two halves; each half in turn is
@@ -14,7 +14,8 @@ the known people's photos named rightly, and the share of the others' photos nam
 halves' counts are pooled.
 
 On tune/ a grid of k and tolerance is scored and the chosen point is the one naming the largest
-share with a precision of at least ``--precision``; dev/ is reported with it (and the defaults).
+share with a precision of at least ``--precision``; dev/ is reported with it (and the defaults),
+also with other numbers of reference photos per person (``--dev-refs``).
 """
 
 from __future__ import annotations
@@ -138,6 +139,8 @@ def row(label: str, c: Counts) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--refs", type=int, default=2, help="reference photos per known person")
+    ap.add_argument("--dev-refs", type=lambda v: [int(x) for x in v.split(",")], default=[2, 3, 4],
+                    help="reference photos per person for the dev/ report (the chosen k and tolerance)")
     ap.add_argument("--precision", type=float, default=0.99, help="the least precision of the names on tune")
     ap.add_argument("--workers", type=int, default=0, help="encoder processes when a set must be scanned")
     args = ap.parse_args()
@@ -165,14 +168,15 @@ def main() -> None:
     k, t, _ = best
     cfg = settings.clustering
     print(f"\nchosen on tune/ (largest share named with precision >= {args.precision}): k={k}, tolerance={t:.2f}")
-    print(f"\ndev/ ({args.refs} reference photos per known person; halves known in turn, pooled):\n")
-    print("| setting | precision of the names | known people's photos named rightly | others' photos named |")
-    print("|---|---|---|---|")
-    print(row(f"chosen: k={k}, tolerance={t:.2f}", pooled(sets["dev"], args.refs, k, t)))
-    if (cfg.known_k, cfg.known_tolerance) != (k, t):
-        print(row(f"defaults: k={cfg.known_k}, tolerance={cfg.known_tolerance:.2f}",
-                  pooled(sets["dev"], args.refs, cfg.known_k, cfg.known_tolerance)))
-
+    print("\ndev/ (halves of the people known in turn, pooled):\n")
+    print("| setting | reference photos per person | precision of the names | known people's photos named rightly "
+          "| others' photos named |")
+    print("|---|---|---|---|---|")
+    points = [("chosen", k, t)] + ([("defaults", cfg.known_k, cfg.known_tolerance)]
+                                   if (cfg.known_k, cfg.known_tolerance) != (k, t) else [])
+    for label, kk, tt in points:
+        for refs in sorted({args.refs, *args.dev_refs}):
+            print(row(f"{label}: k={kk}, tolerance={tt:.2f} | {refs}", pooled(sets["dev"], refs, kk, tt)))
 
 if __name__ == "__main__":
     main()

@@ -278,6 +278,29 @@ def test_service_rename_reject_hide_hold_through_new_photos_and_recluster(tmp_pa
     cli(lib, "recluster")
     assert layout(out) == tree
     assert "Traceback" not in svc.text()
+    # with the service running again: undo, one by one, the unhide (CLI) and the hide, the reject
+    # and the rename made in the folders; the tree follows each, and reading it makes no correction
+    svc = Service(watch, out, _config(tmp_path), tmp_path / "b.log")
+    try:
+        _wait(lambda: "rescan:" in svc.text(), 60, "the service's first scan")
+        kinds = [r["kind"] for r in corrections(lib)]
+        assert kinds == ["name", "reject", "hide", "unhide"]
+        cli(lib, "undo")  # the unhide: hidden again
+        _wait(lambda: powell not in layout(out), 30, "the unhide undone")
+        cli(lib, "undo")  # the hide (the deleted folder): back
+        _wait(lambda: layout(out).get(powell) == tree[powell], 30, "the hide undone")
+        cli(lib, "undo")  # the reject (the link moved to doubtful/): back in Powell's folder
+        _wait(lambda: layout(out).get(powell) == names("Colin_Powell"), 30, "the reject undone")
+        assert "Colin_Powell_0001.jpg" not in layout(out).get("doubtful", set())
+        cli(lib, "undo")  # the rename: the folder has its own name again
+        _wait(lambda: "Tony Blair" not in layout(out) and blair in layout(out), 30, "the rename undone")
+        assert layout(out)[blair] == names("Tony_Blair")
+        time.sleep(2)  # the tree watcher has seen the organizer's own changes: no new correction
+        rows = corrections(lib)
+        assert [r["kind"] for r in rows] == kinds and all(r["undone"] for r in rows)
+    finally:
+        assert svc.stop() == 0
+    assert "Traceback" not in svc.text()
 
 
 def test_service_split_of_a_merged_folder_holds_after_restart_and_recluster(tmp_path):
