@@ -30,6 +30,7 @@ from PIL import Image
 from . import montage
 from .ingest import IngestError, upright_crop
 from .store import OUTPUT_ERRORS, Store
+from .store_review import ReviewQueries
 
 log = logging.getLogger(__name__)
 
@@ -399,12 +400,13 @@ class FolderEvents:
 
     def __init__(self, store: Store):
         self.store = store
+        self.review = ReviewQueries(store)
         self._folders: dict[int, str] | None = None
         self._assign: dict[int, int | None] = {}
 
     def _now(self) -> dict[int, str]:
         names = {c["id"]: c["name"] for c in self.store.clusters()}
-        return {p["id"]: folder_name(p["id"], names.get(p["id"])) for p in self.store.people_summary()}
+        return {p["id"]: folder_name(p["id"], names.get(p["id"])) for p in self.review.people_summary()}
 
     def update(self) -> None:
         folders = self._now()

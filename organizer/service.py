@@ -28,8 +28,10 @@ from .config import Settings
 from .encode import EncoderUnavailable, check_models
 from .ingest import discover
 from .layout import Layout, WatchState
-from .pipeline import Organizer, growing_grace
+from .library import growing_grace
+from .pipeline import Organizer
 from .store import Store, StoreError
+from .store_review import ReviewQueries
 from .storefile import unusable_message
 from .watch import Settler, Watcher
 
@@ -240,7 +242,7 @@ class Service:
             log.info("the watched folder %s is back; catching up", org.watch)
         elif not available and not self._paused:
             if known:
-                log.error("%s; waiting for it to come back", org.layout.unavailable_message(state, org.store.status(0)["photos"]))
+                log.error("%s; waiting for it to come back", org.layout.unavailable_message(state, ReviewQueries(org.store).status(0)["photos"]))
             else:
                 log.error("the watched folder %s is missing or cannot be listed; waiting for it", org.watch)
             self.notify("STATUS=waiting for the watched folder (missing or empty)")
@@ -277,8 +279,8 @@ class Service:
             settler.add(str(p), wait=growing_grace(self.settings.service.settle_seconds), seen=(size, mtime))
 
     def _status(self, org: Organizer, settler: Settler) -> None:
-        st = org.store.status(0)
-        tree = org.last_tree
+        st = ReviewQueries(org.store).status(0)
+        tree = org.tree.last
         broken = ""
         if tree is not None and tree.errors:
             broken = f", {len(tree.errors)} output entries failed ({reasons_text(tree.reasons)})"
