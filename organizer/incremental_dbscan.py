@@ -34,6 +34,15 @@ log = logging.getLogger(__name__)
 _SLACK = 1e-4  # float32 screening margin (absolute, on distances of order 1)
 
 
+class Partition(NamedTuple):
+    """Every stored point's DBSCAN state, by key (ascending)."""
+
+    eps: float
+    keys: np.ndarray
+    label: np.ndarray  # -1: noise
+    core: np.ndarray
+
+
 @dataclass
 class Update:
     """What an insert or delete changed."""
@@ -154,6 +163,11 @@ class IncrementalDBSCAN:
 
     def clusters(self) -> dict[int, list[int]]:
         return {lab: sorted(int(self._key[r]) for r in rows) for lab, rows in self._members.items()}
+
+    def partition(self) -> Partition:
+        rows = np.flatnonzero(self._key >= 0)
+        rows = rows[np.argsort(self._key[rows])]
+        return Partition(self.eps, self._key[rows], self._label[rows], self._core[rows])
 
     def members(self, label: int) -> list[int]:
         rows = self._members.get(label, ())
@@ -460,7 +474,7 @@ class _SelfJoin:
     def __init__(self, x32: np.ndarray, sq: np.ndarray, eps: float, min_samples: int):
         n = len(x32)
         self.x32, self.eps, self.min_samples = x32, eps, min_samples
-        self.hi, self.lo = (eps + _SLACK) ** 2, max(eps - _SLACK, 0.0) ** 2
+        self.hi, self.lo = screen_limits(eps)
         # one matrix product gives squared distances directly: [x, |x|^2, 1] . [-2y, 1, |y|^2]
         ones = np.ones((n, 1), np.float32)
         self.left = np.hstack([x32, sq[:, None], ones])
@@ -581,6 +595,12 @@ def _union(parent: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
         a, b = a[apart], b[apart]
 
 
+def screen_limits(radius: float) -> tuple[float, float]:
+    """(hi, lo) for squared distances computed in float32: above hi a point is outside ``radius``,
+    at most lo inside; in between it must be re-measured in float64."""
+    return (radius + _SLACK) ** 2, max(radius - _SLACK, 0.0) ** 2
+
+
 def _sq_dist(x32: np.ndarray, rows: np.ndarray, vec64: np.ndarray) -> np.ndarray:
     """Exact squared distances (float64) from ``vec64`` to ``x32[rows]``."""
     return ((x32[rows].astype(np.float64) - vec64) ** 2).sum(axis=1)
@@ -597,7 +617,7 @@ def radius_query(x32: np.ndarray, sq: np.ndarray, keys: np.ndarray | None,
     error far below 1e-5), which is all ranking needs; callers that break ties re-measure.
     """
     vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float64))
-    hi, lo = (radius + _SLACK) ** 2, max(radius - _SLACK, 0.0) ** 2
+    hi, lo = screen_limits(radius)
     out = []
     for start in range(0, len(vectors), block):
         v64 = vectors[start : start + block]
