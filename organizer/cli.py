@@ -182,9 +182,8 @@ def scan(settings: Settings, forget_anyway: bool, algorithm: str):
     written; 4 photos not found were kept, not forgotten (see the log).
     """
     from .encode import EncoderUnavailable
-    from .pipeline import Organizer
+    from .executors import encoder_for
     from .progress import progress_reporter
-    from .service import reasons_text
 
     _require(settings, "watch", "output")
     _check_layout(settings)
@@ -192,8 +191,18 @@ def scan(settings: Settings, forget_anyway: bool, algorithm: str):
     if not watch.is_dir():  # refused before the store is created
         raise FileNotFoundError(f"the watched folder {watch} does not exist: create it or check --watch "
                                 "(paths.watch); `organizer run` creates it on a first start")
-    with Store.open(settings.db_path) as store:
-        org = Organizer(settings, store)
+    # the workers load their models while this process imports the rest and opens the store
+    encoder = encoder_for(settings)
+    encoder.start()
+    from .pipeline import Organizer
+
+    try:
+        store = Store.open(settings.db_path)
+    except BaseException:
+        encoder.close()
+        raise
+    with store:
+        org = Organizer(settings, store, encoder=encoder)
         try:
             org.encoder.start(wait=True)  # the models load in the workers only (or they say why they cannot)
         except EncoderUnavailable as exc:
@@ -209,6 +218,8 @@ def scan(settings: Settings, forget_anyway: bool, algorithm: str):
         finally:
             org.close()
         st = store.status()
+    from .service import reasons_text
+
     click.echo(
         f"{report.seen} photos seen, {report.encoded} encoded, {report.duplicates} duplicates, "
         f"{report.failed} failed, {report.removed} removed; "

@@ -361,6 +361,7 @@ class EncoderPool:
         # photos submitted by prefetch() before map() asks for them: path -> (future, file signature, round)
         self._ahead: dict[Path, tuple[cf.Future, tuple[int, int], int]] = {}
         self._round = 0
+        self._loading: list[cf.Future] = []  # the workers' model loading, once start() began it
 
     def start(self, wait: bool = False) -> None:
         """Start the workers and load their models now, so the first photo does not wait for it.
@@ -370,14 +371,14 @@ class EncoderPool:
             if wait:
                 _face_recognition()
             return
-        pool = self._ensure_pool()
-        loading = [pool.submit(check_models) for _ in range(self.workers)]
+        if not self._loading:  # a second call waits for the first one's loading
+            pool = self._ensure_pool()
+            self._loading = [pool.submit(check_models) for _ in range(self.workers)]
+            for fut in self._loading:
+                fut.add_done_callback(lambda f: f.exception())  # unless waited for, a failure shows with the first photo
         if wait:
-            for fut in loading:
+            for fut in self._loading:
                 fut.result()
-        else:
-            for fut in loading:
-                fut.add_done_callback(lambda f: f.exception())  # a failure shows with the first photo
 
     def prefetch(self, paths: Iterable[Path]) -> None:
         """Start encoding ``paths`` now, before map() asks for them: the workers keep busy while the

@@ -39,6 +39,14 @@ def make_encoder(settings: DetectionSettings, workers: int, executor: str = "loc
     return EncoderPool(settings, workers)
 
 
+def encoder_for(settings, workers: int | None = None):
+    """The encoder a :class:`~organizer.config.Settings` asks for (``service.workers`` processes,
+    or ``workers``; 0 or unset: one per core)."""
+    sv = settings.service
+    n = sv.workers if workers is None else workers
+    return make_encoder(settings.detection_settings(), n or (os.cpu_count() or 1), sv.executor, sv.scheduler)
+
+
 def _visible(path: str, size: int) -> bool:
     try:
         return os.stat(path).st_size == size

@@ -16,7 +16,7 @@ from pathlib import Path
 from .clustering import Clustering
 from .config import Settings
 from .encode import encoder_id
-from .executors import make_encoder
+from .executors import encoder_for
 from .ingest import IngestError, check_readable, discover, sha256_file
 from .layout import Layout, WatchState
 from .output import FolderEvents, reconcile
@@ -78,14 +78,14 @@ class Organizer:
     has the clustering (:class:`~organizer.clustering.Clustering`) and the output tree updated.
     Not thread-safe: call it from one thread."""
 
-    def __init__(self, settings: Settings, store: Store, workers: int | None = None):
+    def __init__(self, settings: Settings, store: Store, workers: int | None = None, encoder=None):
+        """``encoder``: one already made (and perhaps started) by :func:`~organizer.executors.encoder_for`;
+        otherwise one is made here with ``workers`` processes."""
         self.settings = settings
         self.store = store
         self.watch = Path(os.path.abspath(settings.paths.watch)) if settings.paths.watch else None
         self.output = Path(os.path.abspath(settings.paths.output))
-        n = settings.service.workers if workers is None else workers
-        sv = settings.service
-        self.encoder = make_encoder(settings.detection_settings(), n or (os.cpu_count() or 1), sv.executor, sv.scheduler)
+        self.encoder = encoder or encoder_for(settings, workers)
         self._retry_failed = True  # failed files are retried once per start-up
         self.clustering = Clustering(store, settings, encoder_id(self.encoder.settings))
         self.encodings = EncodingUpgrade(store, self.encoder, self.watch, on_done=self.clustering.discard_state)
