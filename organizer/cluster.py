@@ -445,7 +445,7 @@ class People:
         """Resume from a saved clustering (clean store): ids and doubt from the store. The nearest
         own/other faces (needed for later updates) come from ``near`` (:meth:`near_state` saved at
         the last shutdown) when it was made for exactly these faces and ids - they are a function
-        of those alone - and are recomputed otherwise (minutes at 100k faces). True if reused."""
+        of those alone - and are recomputed otherwise (:meth:`_nearest_all`). True if reused."""
         faces = sorted(faces)
         self._index = index
         for f in faces:
