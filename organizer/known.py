@@ -15,7 +15,7 @@ New faces are voted on as they arrive. When the reference photos change (added, 
 another person's sub-folder) or ``known_k`` / ``known_tolerance`` do, every face is voted on again
 at the next scan and the known rows are replaced if the outcome differs (the old ones are marked
 undone). Reference photos are encoded with the library's encoder, once per file content
-(:class:`~organizer.store.ReferenceFaces`); they are outside the watched input (layout.py
+(:class:`~organizer.store_known.ReferenceFaces`); they are outside the watched input (layout.py
 refuses a known folder that is input) and so never appear in the output tree.
 """
 
@@ -33,7 +33,9 @@ import numpy as np
 
 from .ingest import IngestError, is_candidate, sha256_file
 from .output import validate_person_name
-from .store import ReferenceFaces, Store
+from .store import Store
+from .store_corrections import CorrectionLog
+from .store_known import ReferenceFaces
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,7 @@ class KnownPeople:
         self.folder = Path(os.path.abspath(known)) if known is not None else None
         self.store = store
         self.cache = ReferenceFaces(store)
+        self.history = CorrectionLog(store)
         self.encoder = encoder
         self.encoder_id = encoder_id
         self.k, self.tolerance = settings.clustering.known_k, settings.clustering.known_tolerance
@@ -177,7 +180,7 @@ class KnownPeople:
             faces = self.store.faces_by_id(sorted(self.store.usable_ids(self.min_size, self.min_sharpness,
                                                                         after=state.get("upto", 0))))
         names = vote(refs.encodings, refs.names, faces.encodings, self.k, self.tolerance)
-        corrections = self.store.corrections(include_undone=False)
+        corrections = self.history.rows(include_undone=False)
         mine = [c for c in corrections if c.source == SOURCE and c.kind == "assign"]
         users = {f for c in corrections if c.source != SOURCE for f in c.faces}
         wanted: dict[str, list[int]] = {}
@@ -191,12 +194,12 @@ class KnownPeople:
                 now = {(c.person, f) for c in mine for f in c.faces}
                 if now != {(self._person(people, n), f) for n, fs in wanted.items() for f in fs}:
                     for c in mine:
-                        self.store.mark_undone(c.id)
+                        self.history.mark_undone(c.id)
                     changed = bool(mine)
                 else:
                     wanted = {}
             for name, fs in sorted(wanted.items()):
-                self.store.add_correction("assign", SOURCE, person=self._person(people, name), faces=fs)
+                self.history.add("assign", SOURCE, person=self._person(people, name), faces=fs)
                 changed = True
             self.store.set_meta(STATE, json.dumps({"fingerprint": refs.fingerprint, "upto": top, "people": people}))
         if wanted:
