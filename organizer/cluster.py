@@ -24,7 +24,7 @@ from typing import NamedTuple, Protocol
 import numpy as np
 from scipy.sparse.csgraph import connected_components
 
-from .incremental_dbscan import radius_query
+from .incremental_dbscan import Partition, radius_query, screen_limits
 
 RefineFn = Callable[[np.ndarray, np.ndarray, object], np.ndarray]
 
@@ -290,6 +290,9 @@ class FaceIndex(Protocol):
 
     def within_many(self, vecs: np.ndarray, radius: float) -> list[tuple[np.ndarray, np.ndarray]]: ...
 
+    def partition(self) -> Partition | None:
+        """The DBSCAN partition of every face at ``cfg.eps`` and ``cfg.min_samples``, if known."""
+
 
 class FaceChanges(NamedTuple):
     """What changed since the last derivation (an incremental run)."""
@@ -324,6 +327,9 @@ class Neighbours:
     def within_many(self, vecs: np.ndarray, radius: float) -> list[tuple[np.ndarray, np.ndarray]]:
         return radius_query(self.x32, self.sq, self.ids, vecs, radius)
 
+    def partition(self) -> None:
+        return None  # a batch run's clusters may come from another method
+
 
 _NONE = (np.inf, -1)
 
@@ -339,6 +345,33 @@ def _room_for(arr: np.ndarray, f: int, fill) -> np.ndarray:
 # Radius queries screen distances in float32 (squared-distance error well under 1e-5 for
 # encodings of norm ~1); faces whose squared distance is within this of the best are re-measured.
 _TIE2 = 4e-5
+
+
+class _Candidates:
+    """Candidate nearest faces (face, kind 0 own / 1 other, candidate, exact distance); picks the
+    nearest of each kind per face, ties to the smaller candidate id (as ``People._closest``)."""
+
+    def __init__(self):
+        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def add(self, kind: int, faces: np.ndarray, cands: np.ndarray, dist: np.ndarray) -> None:
+        if len(faces):
+            self.parts.append((faces, np.full(len(faces), kind), cands, dist))
+
+    def nearest(self, arr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(own distance, own face, other distance, other face) for each face of ``arr``
+        (ascending): inf and -1 where there is none."""
+        d = np.full((len(arr), 2), np.inf)
+        g = np.full((len(arr), 2), -1, dtype=np.int64)
+        if self.parts:
+            face, kind, cand, dist = (np.concatenate(c) for c in zip(*self.parts))
+            order = np.lexsort((cand, dist, kind, face))
+            face, kind, cand, dist = face[order], kind[order], cand[order], dist[order]
+            first = np.r_[True, (face[1:] != face[:-1]) | (kind[1:] != kind[:-1])]
+            pos = np.searchsorted(arr, face[first])
+            d[pos, kind[first]] = dist[first]
+            g[pos, kind[first]] = cand[first]
+        return d[:, 0], g[:, 0], d[:, 1], g[:, 1]
 
 
 class People:
@@ -412,7 +445,7 @@ class People:
         """Resume from a saved clustering (clean store): ids and doubt from the store. The nearest
         own/other faces (needed for later updates) come from ``near`` (:meth:`near_state` saved at
         the last shutdown) when it was made for exactly these faces and ids - they are a function
-        of those alone - and are recomputed otherwise (minutes at 100k faces). True if reused."""
+        of those alone - and are recomputed otherwise (:meth:`_nearest_all`). True if reused."""
         faces = sorted(faces)
         self._index = index
         for f in faces:
@@ -425,11 +458,9 @@ class People:
         reuse = (near is not None and np.array_equal(near.get("faces"), arr)
                  and np.array_equal(near.get("cid"), self._cids(arr)))
         if reuse:
-            for f, od, of, xd, xf in zip(faces, near["own_d"].tolist(), near["own_f"].tolist(),
-                                         near["other_d"].tolist(), near["other_f"].tolist()):
-                self._set_near(f, (od, of), (xd, xf))
+            self._set_near_all(faces, near["own_d"], near["own_f"], near["other_d"], near["other_f"])
         else:
-            self._recompute(faces)
+            self._nearest_all(faces)
         for f in faces:
             self._set_raw(f, self._decide(f))
         self._lonely = {c for c in self.members if self._confident.get(c, 0) < self.min_confident}
@@ -491,6 +522,80 @@ class People:
             if keep:
                 kept += found
         return kept
+
+    def _set_near_all(self, faces: list[int], own_d, own_f, other_d, other_f) -> None:
+        for f, od, of, xd, xf in zip(faces, own_d.tolist(), own_f.tolist(), other_d.tolist(), other_f.tolist()):
+            self._set_near(f, (od, of), (xd, xf))
+
+    def _nearest_all(self, faces: list[int]) -> None:
+        """Nearest own/other face of every face (``faces``, ascending), from scratch.
+
+        With the index's DBSCAN partition (at our eps or wider) no query per face is needed: two
+        faces within eps lie in one DBSCAN cluster unless one of them is not core (cores within
+        eps are one cluster), so the distances inside each cluster plus the neighbourhoods of the
+        non-core faces (a few neighbours each; after a build the engine answers them from its
+        cache) hold every pair within eps. The result is the same as a query per face."""
+        arr = np.asarray(faces, dtype=np.int64)
+        part = self._index.partition()
+        if part is None or part.eps < self.cfg.eps or not np.array_equal(part.keys, arr):
+            self._recompute(faces)
+            return
+        found = _Candidates()
+        order = np.argsort(part.label, kind="stable")
+        cuts = np.flatnonzero(np.diff(part.label[order])) + 1
+        for group in np.split(order, cuts):
+            if len(group) > 1 and part.label[group[0]] >= 0:
+                self._inside(arr[group], found)
+        self._across(arr, part, found)
+        self._set_near_all(faces, *found.nearest(arr))
+
+    def _inside(self, ids: np.ndarray, found: "_Candidates") -> None:
+        """Candidates for the nearest own/other faces among the faces ``ids`` of one DBSCAN
+        cluster: the nearest of each kind by float32 distance, and any within ``_TIE2`` of it."""
+        x = self._vecs(ids.tolist())
+        x32 = x.astype(np.float32)
+        sq = np.einsum("ij,ij->i", x32, x32)
+        cid = self._cids(ids)
+        person = cid >= 0
+        eps = self.cfg.eps
+        hi, lo = screen_limits(eps)
+        step = max(1, (1 << 22) // len(ids))  # rows per block: 16 MB of float32 distances
+        for s in range(0, len(ids), step):
+            e = min(len(ids), s + step)
+            d2 = x32[s:e] @ x32.T
+            d2 *= -2.0
+            d2 += sq[None, :]
+            d2 += sq[s:e, None]
+            near = d2 <= hi
+            i, j = np.divmod(np.flatnonzero(near & (d2 > lo)), len(ids))
+            near[i, j] = ((x[s + i] - x[j]) ** 2).sum(1) <= eps * eps  # exactly, as a query does
+            near[np.arange(e - s), np.arange(s, e)] = False
+            same = cid[s:e, None] == cid[None, :]
+            for kind, mask in ((0, near & same & person[s:e, None]), (1, near & ~same & person[None, :])):
+                dm = np.where(mask, d2, np.inf)
+                tie = mask & (dm <= dm.min(1)[:, None] + _TIE2)
+                i, j = np.divmod(np.flatnonzero(tie), len(ids))
+                found.add(kind, ids[s + i], ids[j], np.sqrt(((x[j] - x[s + i]) ** 2).sum(1)))
+
+    def _across(self, arr: np.ndarray, part: Partition, found: "_Candidates") -> None:
+        """Candidates from the pairs within eps whose faces lie in different DBSCAN clusters
+        (or in none): all of them have a non-core face, so its neighbourhood holds them."""
+        sparse = arr[~part.core]
+        for start in range(0, len(sparse), 512):
+            chunk = sparse[start : start + 512]
+            hits = self._index.within_many(self._vecs(chunk.tolist()), self.cfg.eps)
+            f = np.repeat(chunk, [len(k) for k, _ in hits])
+            g = np.concatenate([np.asarray(k, dtype=np.int64) for k, _ in hits])
+            lf, lg = part.label[np.searchsorted(arr, f)], part.label[np.searchsorted(arr, g)]
+            cross = ((lf != lg) | (lf < 0)) & (f != g)
+            a, b = np.concatenate([f[cross], g[cross]]), np.concatenate([g[cross], f[cross]])
+            ca, cb = self._cids(a), self._cids(b)
+            ok = cb >= 0
+            a, b = a[ok], b[ok]
+            d = np.sqrt(((self._vecs(b.tolist()) - self._vecs(a.tolist())) ** 2).sum(1)) if len(a) else np.zeros(0)
+            kind = np.where(ca[ok] == cb[ok], 0, 1)
+            for k in (0, 1):
+                found.add(k, a[kind == k], b[kind == k], d[kind == k])
 
     def _nearest_from(self, faces: list[int], found: list) -> None:
         for f, (near, dist) in zip(faces, found):
@@ -630,7 +735,7 @@ class People:
         Returns every face whose nearest faces may have changed."""
         changed_set = set(changed)
         if full:
-            self._recompute(changed)
+            self._nearest_all(changed)
             return changed_set
         redo: set[int] = set()
         for x in removed | changed_set:

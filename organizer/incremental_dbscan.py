@@ -25,12 +25,22 @@ import os
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
 _SLACK = 1e-4  # float32 screening margin (absolute, on distances of order 1)
+
+
+class Partition(NamedTuple):
+    """Every stored point's DBSCAN state, by key (ascending)."""
+
+    eps: float
+    keys: np.ndarray
+    label: np.ndarray  # -1: noise
+    core: np.ndarray
 
 
 @dataclass
@@ -153,6 +163,11 @@ class IncrementalDBSCAN:
 
     def clusters(self) -> dict[int, list[int]]:
         return {lab: sorted(int(self._key[r]) for r in rows) for lab, rows in self._members.items()}
+
+    def partition(self) -> Partition:
+        rows = np.flatnonzero(self._key >= 0)
+        rows = rows[np.argsort(self._key[rows])]
+        return Partition(self.eps, self._key[rows], self._label[rows], self._core[rows])
 
     def members(self, label: int) -> list[int]:
         rows = self._members.get(label, ())
@@ -370,7 +385,7 @@ class IncrementalDBSCAN:
     @classmethod
     def build(cls, eps: float, min_samples: int, keys: Sequence[int], vectors: np.ndarray,
               dim: int = 128, block: int = 128) -> "IncrementalDBSCAN":
-        """Start-up from the store: a blocked self-join instead of n inserts."""
+        """Start-up from the store: one blocked self-join (:class:`_SelfJoin`) instead of n inserts."""
         vectors = np.asarray(vectors, dtype=np.float32).reshape(len(keys), dim)
         n = len(keys)
         cap = n + _spare(n)  # room for new faces; grows by a quarter later
@@ -382,92 +397,208 @@ class IncrementalDBSCAN:
         eng._key[:n] = np.asarray(keys, dtype=np.int64)
         eng._row = {int(k): i for i, k in enumerate(keys)}
         eng._free = list(range(cap - 1, n - 1, -1))
-        hi_lim, lo_lim = (eps + _SLACK) ** 2, max(eps - _SLACK, 0.0) ** 2
-
-        # one matrix product gives squared distances directly: [x, |x|^2, 1] . [-2y, 1, |y|^2]
-        left = np.hstack([eng._x32[:n], eng._sq[:n, None], np.ones((n, 1), np.float32)])
-        right = np.hstack([-2 * eng._x32[:n], np.ones((n, 1), np.float32), eng._sq[:n, None]]).T.copy()
-
-        def pairs(start: int, need_distance: np.ndarray | None = None):
-            """Exact neighbour pairs (i in block, j any, i != j). Only pairs near the eps boundary
-            are re-checked in float64; distances are computed where ``need_distance[i]``."""
-            stop = min(n, start + block)
-            d2 = left[start:stop] @ right
-            i, j = np.nonzero(d2 <= hi_lim)
-            dd2 = d2[i, j]
-            del d2
-            i += start
-            ne = i != j
-            i, j, dd2 = i[ne], j[ne], dd2[ne]
-            edge = dd2 > lo_lim
-            if edge.any():
-                ok = np.ones(len(i), dtype=bool)
-                ei, ej = i[edge], j[edge]
-                ok[edge] = np.sqrt(((eng._x32[ei].astype(np.float64) - eng._x32[ej]) ** 2).sum(1)) <= eps
-                i, j = i[ok], j[ok]
-            d = None
-            if need_distance is not None:
-                sel = need_distance[i]
-                d = np.full(len(i), np.inf)
-                d[sel] = np.sqrt(((eng._x32[i[sel]].astype(np.float64) - eng._x32[j[sel]]) ** 2).sum(1))
-            return i, j, d
-
-        counts = np.ones(n, dtype=np.int64)
-        for start in range(0, n, block):
-            i, _, _ = pairs(start)
-            counts += np.bincount(i, minlength=n)
-        eng._count[:n] = counts
-        core = counts >= min_samples
-        eng._core[:n] = core
-        # union-find over core-core edges: each block's edges are first reduced to its connected
-        # components (scipy), so the global union-find only sees one edge per node and block
-        from scipy.sparse import csr_matrix
-        from scipy.sparse.csgraph import connected_components
-
-        parent = np.arange(n)
-        best = np.full(n, -1, dtype=np.int64)
-        best_d = np.full(n, np.inf)
-        for start in range(0, n, block):
-            i, j, d = pairs(start, need_distance=~core)
-            cc = core[i] & core[j]
-            ci, cj = i[cc], j[cc]
-            if len(ci):
-                nodes, inv = np.unique(np.concatenate([ci, cj]), return_inverse=True)
-                li, lj = inv[: len(ci)], inv[len(ci):]
-                g = csr_matrix((np.ones(len(li), dtype=np.int8), (li, lj)), shape=(len(nodes), len(nodes)))
-                _, comp = connected_components(g, directed=False)
-                first = np.full(comp.max() + 1, -1)
-                first[comp[::-1]] = np.arange(len(comp))[::-1]
-                ei, ej = nodes, nodes[first[comp]]
-                while len(ei):
-                    ri, rj = _roots(parent, ei), _roots(parent, ej)
-                    diff = ri != rj
-                    if not diff.any():
-                        break
-                    lo, hi = np.minimum(ri[diff], rj[diff]), np.maximum(ri[diff], rj[diff])
-                    np.minimum.at(parent, hi, lo)
-                    ei, ej = ei[diff], ej[diff]
-            # nearest core for non-core points (ties: smaller key)
-            bc = ~core[i] & core[j]
-            for a, c, dd in zip(i[bc].tolist(), j[bc].tolist(), d[bc].tolist()):
-                if best[a] < 0 or (dd, eng._key[c]) < (best_d[a], eng._key[best[a]]):
-                    best[a], best_d[a] = c, dd
-        roots = _roots(parent, np.arange(n))
-        label_of_root: dict[int, int] = {}
-        for r in np.flatnonzero(core).tolist():
-            root = int(roots[r])
-            if root not in label_of_root:
-                label_of_root[root] = eng._new_label()
-            lab = label_of_root[root]
-            eng._label[r] = lab
-            eng._members[lab].add(r)
-            eng._ncore[r], eng._ncd[r] = r, 0.0
-        for r in np.flatnonzero(~core & (best >= 0)).tolist():
-            lab = int(eng._label[best[r]])
-            eng._label[r] = lab
-            eng._members[lab].add(r)
-            eng._ncore[r], eng._ncd[r] = best[r], best_d[r]
+        eng._adopt(_SelfJoin(eng._x32[:n], eng._sq[:n], eps, min_samples).run(block))
         return eng
+
+    def _adopt(self, join: "_Joined") -> None:
+        """Take the DBSCAN state of the first n rows from their self-join."""
+        n = len(join.count)
+        self._count[:n] = join.count
+        self._core[:n] = join.core
+        self._label_cores(join.core, join.root)
+        self._attach_borders(join.pairs)
+        labelled = np.flatnonzero(self._label[:n] >= 0)
+        labels = self._label[labelled]
+        order = np.argsort(labels, kind="stable")
+        cuts = np.flatnonzero(np.diff(labels[order])) + 1
+        self._members = {int(labels[g[0]]): set(labelled[g].tolist()) for g in np.split(order, cuts) if len(g)}
+        # the people layer asks for the neighbourhoods of exactly these points next
+        self._fresh = _neighbourhoods(self._x32, np.flatnonzero(~join.core), join.pairs)
+
+    def _label_cores(self, core: np.ndarray, root: np.ndarray) -> None:
+        """One label per union-find root, numbered in the order of the clusters' first rows."""
+        cores = np.flatnonzero(core)
+        roots, first, which = np.unique(root[cores], return_index=True, return_inverse=True)
+        rank = np.empty(len(roots), dtype=np.int64)
+        rank[np.argsort(first)] = np.arange(len(roots))
+        self._label[cores] = rank[which]
+        self._ncore[cores], self._ncd[cores] = cores, 0.0
+        self._next_label = len(roots)
+
+    def _attach_borders(self, pairs: "_Pairs") -> None:
+        """Each non-core point joins the cluster of its nearest core (ties: the smaller key)."""
+        to_core = self._core[pairs.b]
+        a, c, d = pairs.a[to_core], pairs.b[to_core], pairs.dist[to_core]
+        order = np.lexsort((self._key[c], d, a))
+        a, c, d = a[order], c[order], d[order]
+        first = np.flatnonzero(np.r_[True, a[1:] != a[:-1]]) if len(a) else np.zeros(0, dtype=np.int64)
+        a, c, d = a[first], c[first], d[first]
+        self._label[a] = self._label[c]
+        self._ncore[a], self._ncd[a] = c, d
+
+
+class _Pairs(NamedTuple):
+    """Neighbour pairs (both directions) of the non-core points, with exact distances."""
+
+    a: np.ndarray  # rows of non-core points
+    b: np.ndarray  # their neighbours (rows)
+    dist: np.ndarray
+
+
+class _Joined(NamedTuple):
+    """What a :class:`_SelfJoin` found."""
+
+    count: np.ndarray  # points within eps of each point, itself included
+    core: np.ndarray  # count >= min_samples
+    root: np.ndarray  # union-find root: cores with one root form one cluster
+    pairs: _Pairs
+
+
+class _SelfJoin:
+    """DBSCAN of a fixed point set in one pass over the upper triangle of its distance matrix.
+
+    Written by hand: scikit-learn's DBSCAN lists every neighbour of every point (5.8 GB and two
+    minutes at 100k faces, where one person may have thousands of faces within eps of each
+    other), and its border rule depends on the input order (see the module docstring).
+
+    Rows are taken ``block`` at a time against themselves and every later row: one float32 matrix
+    product per block, with the pairs near the eps boundary re-checked in float64. When a block is
+    done its rows' neighbour counts are final (earlier rows added theirs as column sums), and a
+    later row counted often enough is core for good (counts only grow). Core-core links whose ends
+    are both known to be core go to a union-find at once, reduced per block to a few edges
+    (:meth:`_link`), so the millions of pairs inside a big cluster are never listed. The other
+    pairs are kept: one end of such a pair is not yet known to be core, so it has fewer than
+    ``min_samples`` - 1 neighbours so far (or is a non-core row), and there are few of them.
+    """
+
+    def __init__(self, x32: np.ndarray, sq: np.ndarray, eps: float, min_samples: int):
+        n = len(x32)
+        self.x32, self.eps, self.min_samples = x32, eps, min_samples
+        self.hi, self.lo = screen_limits(eps)
+        # one matrix product gives squared distances directly: [x, |x|^2, 1] . [-2y, 1, |y|^2]
+        ones = np.ones((n, 1), np.float32)
+        self.left = np.hstack([x32, sq[:, None], ones])
+        self.right = np.hstack([-2 * x32, ones, sq[:, None]]).T.copy()
+        self.count = np.zeros(n, dtype=np.int64)
+        self.parent = np.arange(n)
+        self.kept: list[tuple[np.ndarray, np.ndarray]] = []  # undecided pairs (rows, rows)
+
+    def run(self, block: int) -> _Joined:
+        n = len(self.x32)
+        for start in range(0, n, block):
+            self._block(start, min(n, start + block))
+        return self._finish()
+
+    def _block(self, start: int, stop: int) -> None:
+        """Rows start..stop against rows start..n."""
+        near = self._near(start, stop)
+        width = stop - start
+        # counts by bit-packing rows and summing columns in bytes (several times faster than
+        # count_nonzero along an axis)
+        self.count[start:stop] += np.bitwise_count(np.packbits(near, axis=1)).sum(1, dtype=np.int64)
+        self.count[stop:] += np.add.reduce(near[:, width:].view(np.uint8), axis=0,
+                                           dtype=np.uint8 if width < 256 else np.int64)
+        # core for good: final rows by their count, later rows by theirs plus themselves
+        known = np.concatenate([self.count[start:stop], self.count[stop:] + 1]) >= self.min_samples
+        noncore = np.flatnonzero(~known[:width])
+        later = width + np.flatnonzero(~known[width:])
+        for rows, cols in ((noncore, slice(None)), (slice(None), later)):
+            part = near[rows, cols]
+            i, j = np.divmod(np.flatnonzero(part), part.shape[1])
+            self.kept.append((start + np.arange(width)[rows][i], start + np.arange(near.shape[1])[cols][j]))
+        near[noncore] = False
+        near[:, noncore] = False
+        near[:, later] = False
+        self._link(near, start)
+
+    def _near(self, start: int, stop: int) -> np.ndarray:
+        """Which of rows start..n lie within eps of each row start..stop (exactly)."""
+        d2 = self.left[start:stop] @ self.right[:, start:]
+        near = d2 <= self.hi
+        edge = np.flatnonzero(near & (d2 > self.lo))
+        if len(edge):
+            i, j = np.divmod(edge, near.shape[1])
+            near[i, j] = self._dist(start + i, start + j) <= self.eps
+        return near
+
+    def _dist(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Exact (float64) distances between rows a and rows b, pairwise."""
+        return np.sqrt(((self.x32[a].astype(np.float64) - self.x32[b]) ** 2).sum(1))
+
+    def _link(self, links: np.ndarray, start: int) -> None:
+        """Join the clusters of the rows start.. and the columns (rows start..n) ``links`` marks.
+
+        Each linked column joins the last row it is linked to; then any link whose ends are
+        still apart joins its row's first such column, until none is left (in a dense block, one
+        or two rounds), so the union-find sees about one edge per column instead of every link."""
+        width = len(links)
+        weight = np.arange(1, width + 1, dtype=np.uint8 if width < 256 else np.int64)
+        last = np.maximum.reduce(links.view(np.uint8) * weight[:, None], axis=0)
+        cols = np.flatnonzero(last)
+        if not len(cols):
+            return
+        rows = np.arange(start, start + width)
+        _union(self.parent, cols + start, rows[last[cols].astype(np.int64) - 1])
+        cols = np.arange(start, start + links.shape[1])
+        while True:
+            apart = links & (_roots(self.parent, rows)[:, None] != _roots(self.parent, cols)[None, :])
+            bad = np.flatnonzero(apart.any(1))
+            if not len(bad):
+                return
+            _union(self.parent, rows[bad], cols[apart[bad].argmax(1)])
+
+    def _finish(self) -> _Joined:
+        n = len(self.x32)
+        core = self.count >= self.min_samples
+        a = np.concatenate([i for i, _ in self.kept])
+        b = np.concatenate([j for _, j in self.kept])
+        pair = np.unique(np.minimum(a, b) * n + np.maximum(a, b))
+        a, b = pair // n, pair % n
+        a, b = a[a != b], b[a != b]
+        both = core[a] & core[b]
+        _union(self.parent, a[both], b[both])
+        a, b = np.concatenate([a[~both], b[~both]]), np.concatenate([b[~both], a[~both]])
+        keep = ~core[a]  # each pair from the side of its non-core point(s)
+        a, b = a[keep], b[keep]
+        return _Joined(self.count, core, _roots(self.parent, np.arange(n)), _Pairs(a, b, self._dist(a, b)))
+
+
+def _neighbourhoods(x32: np.ndarray, points: np.ndarray, pairs: _Pairs) -> dict[bytes, tuple[list[int], list[float]] | None]:
+    """The neighbourhoods of ``points`` (rows, themselves included, ascending) as
+    :meth:`IncrementalDBSCAN.within_many` answers them from its cache, by the points' float32
+    bytes; ``pairs`` holds every neighbour of each of them."""
+    a = np.concatenate([pairs.a, points])
+    b = np.concatenate([pairs.b, points])
+    d = np.concatenate([pairs.dist, np.zeros(len(points))])
+    if not len(a):
+        return {}
+    order = np.lexsort((b, a))
+    a, b, d = a[order], b[order], d[order]
+    cuts = np.flatnonzero(np.diff(a)) + 1
+    out: dict[bytes, tuple[list[int], list[float]] | None] = {}
+    for rows, rb, rd in zip(np.split(a, cuts), np.split(b, cuts), np.split(d, cuts)):
+        mine = x32[rows[0]].tobytes()
+        # two identical vectors share a key: neither is answered from here
+        out[mine] = None if mine in out else (rb.tolist(), rd.tolist())
+    return out
+
+
+def _union(parent: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    """Join the sets of a[k] and b[k] for every k in a union-find parent array (the smaller root
+    becomes the parent)."""
+    while len(a):
+        ra, rb = _roots(parent, a), _roots(parent, b)
+        apart = ra != rb
+        if not apart.any():
+            return
+        np.minimum.at(parent, np.maximum(ra[apart], rb[apart]), np.minimum(ra[apart], rb[apart]))
+        a, b = a[apart], b[apart]
+
+
+def screen_limits(radius: float) -> tuple[float, float]:
+    """(hi, lo) for squared distances computed in float32: above hi a point is outside ``radius``,
+    at most lo inside; in between it must be re-measured in float64."""
+    return (radius + _SLACK) ** 2, max(radius - _SLACK, 0.0) ** 2
 
 
 def _sq_dist(x32: np.ndarray, rows: np.ndarray, vec64: np.ndarray) -> np.ndarray:
@@ -486,7 +617,7 @@ def radius_query(x32: np.ndarray, sq: np.ndarray, keys: np.ndarray | None,
     error far below 1e-5), which is all ranking needs; callers that break ties re-measure.
     """
     vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float64))
-    hi, lo = (radius + _SLACK) ** 2, max(radius - _SLACK, 0.0) ** 2
+    hi, lo = screen_limits(radius)
     out = []
     for start in range(0, len(vectors), block):
         v64 = vectors[start : start + block]

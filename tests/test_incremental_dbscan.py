@@ -69,8 +69,10 @@ def test_2d_grid_with_exact_eps_ties(ops, min_samples):
         assert_same_as_sklearn(eng, points)
     keys = sorted(points)
     if keys:
-        built = IncrementalDBSCAN.build(1.0, min_samples, keys, np.stack([points[k] for k in keys]), dim=2)
-        assert_same_as_sklearn(built, points)
+        for block in (128, 3):  # one block, and many (rows settled across blocks)
+            built = IncrementalDBSCAN.build(1.0, min_samples, keys, np.stack([points[k] for k in keys]), dim=2,
+                                            block=block)
+            assert_same_as_sklearn(built, points)
 
 
 @settings(max_examples=25, deadline=None)
@@ -93,8 +95,9 @@ def test_128d_face_like_inserts_and_deletes(seed, n_people, min_samples):
             eng.insert([i], v[None, :])
         assert_same_as_sklearn(eng, points)
     keys = sorted(points)
-    built = IncrementalDBSCAN.build(0.5, min_samples, keys, np.stack([points[k] for k in keys]))
-    assert_same_as_sklearn(built, points)
+    for block in (128, 5):
+        built = IncrementalDBSCAN.build(0.5, min_samples, keys, np.stack([points[k] for k in keys]), block=block)
+        assert_same_as_sklearn(built, points)
 
 
 def test_untouched_clusters_keep_labels_and_update_reports():
@@ -160,3 +163,27 @@ def test_neighbourhoods_of_just_inserted_points_match_a_fresh_query():
     assert eng._fresh  # the shortcut was really used for the four distinct new points
     eng.delete([100])
     assert not eng._fresh
+
+
+def test_build_answers_the_neighbourhoods_of_non_core_points_as_a_query_would():
+    """After a build, within_many answers non-core points from the self-join's pairs (the people
+    layer's first pass asks for them); the answer must equal a query over the matrix."""
+    from organizer.incremental_dbscan import radius_query
+
+    rng = np.random.default_rng(5)
+    centres = rng.normal(0, 0.3, (6, 128))
+    people = centres[rng.integers(6, size=150)] + rng.normal(0, 0.02, (150, 128))
+    strangers = rng.normal(0, 0.3, (40, 128))
+    pairs = strangers[:10] + rng.normal(0, 0.01, (10, 128))  # noise points with one neighbour
+    x = np.vstack([people, strangers, pairs, strangers[-1:]])  # and a duplicate
+    keys = rng.permutation(1000)[: len(x)].tolist()
+    eng = IncrementalDBSCAN.build(0.5, 3, keys, x, block=16)
+    noncore = [i for i, k in enumerate(keys) if not eng.is_core(k)]
+    assert len(noncore) == 51
+    got = eng.within_many(x[noncore], 0.5)
+    want = radius_query(eng._x32, eng._sq, eng._key, x[noncore], 0.5)
+    for (gk, gd), (wk, wd) in zip(got, want):
+        assert sorted(gk.tolist()) == sorted(wk.tolist())
+        assert np.allclose(np.sort(gd) ** 2, np.sort(wd) ** 2, atol=1e-5)
+    assert len(eng._fresh) == 50  # answered from the cache, except the two duplicates
+    assert sum(v is None for v in eng._fresh.values()) == 1

@@ -284,3 +284,58 @@ def test_saved_nearest_faces_are_reused_only_when_they_fit():
     assert not fresh(stale)[0]
     fewer = {k: v[1:] for k, v in near.items()}  # a face came or went since
     assert not fresh(fewer)[0]
+
+
+def _first_pass_both_ways(cfg, keys, x, photo, refine):
+    """People from scratch over a built engine and over a query per face (the batch path):
+    they must agree exactly, nearest faces and distances included, and so must a start that
+    loads the people without their saved nearest faces. Returns the result."""
+    eng = IncrementalDBSCAN.build(cfg.eps, cfg.min_samples, keys.tolist(), x, dim=x.shape[1], block=64)
+    fast = People(cfg, refine)
+    got = fast.derive(eng.clusters(), eng, photo=photo.get, quality=lambda f: 0.0, next_id=1, previous={})
+    slow = People(cfg, refine)
+    want = slow.derive(eng.clusters(), Neighbours(keys, x.astype(np.float32).astype(np.float64)),
+                       photo=photo.get, quality=lambda f: 0.0, next_id=1, previous={})
+    assert fast.own == slow.own and fast.other == slow.other
+    assert got.assignments == want.assignments and got.clusters == want.clusters
+    loaded = People(cfg, refine)
+    saved = {f: (a.cluster_id, a.doubtful, a.reason, a.nearest_cluster) for f, a in slow.raw.items()}
+    assert not loaded.load(saved, saved, eng)
+    assert loaded.own == slow.own and loaded.other == slow.other
+    return fast, got
+
+
+def test_first_pass_over_a_built_engine_equals_a_query_per_face():
+    """The first pass over a freshly built engine finds the nearest faces from the pairs inside
+    each DBSCAN cluster plus the non-core faces' neighbourhoods, not a query per face."""
+    rng = np.random.default_rng(21)
+    cfg = ClusteringConfig()
+    unit = 1 / 1.415
+    centres = rng.normal(0, 1, (12, 128))
+    centres *= 0.42 * unit / np.linalg.norm(centres, axis=1, keepdims=True)
+    spread = 0.3 * unit / np.sqrt(128)
+    vecs = [centres[rng.integers(12)] + rng.normal(0, spread, 128) for _ in range(500)]
+    vecs += [c + (centres[1] - c) * t for c in centres[2:4] for t in np.linspace(0.15, 0.85, 6)]  # chains
+    vecs += list(rng.normal(0, 0.42 * unit / np.sqrt(128), (60, 128)))  # strangers
+    vecs += [v + rng.normal(0, 0.1 * spread, 128) for v in vecs[-20:]]  # strangers seen twice
+    x = np.array(vecs)
+    keys = np.sort(rng.permutation(5000)[: len(x)])
+    photo = {int(k): int(k) // 3 for k in keys}  # some photos hold two or three faces
+    _, got = _first_pass_both_ways(cfg, keys, x, photo, average_linkage_split)
+    assert len(got.clusters) >= 10 and sum(a.doubtful for a in got.assignments.values()) >= 60
+
+
+def test_first_pass_with_faces_near_two_clusters():
+    """Points in a plane at the density where DBSCAN leaves many border and noise points: many
+    pairs within eps join faces of different DBSCAN clusters (through a non-core face)."""
+    rng = np.random.default_rng(4)
+    cfg = ClusteringConfig(eps=0.5, min_samples=4, doubt_margin=0.2)
+    x = np.zeros((700, 128))
+    x[:, :2] = np.vstack([rng.uniform(0, 12, (500, 2)), rng.normal(0, 0.4, (200, 2)) + rng.uniform(0, 12, (1, 2))])
+    keys = np.arange(len(x)) * 2 + 1
+    photo = {int(k): int(k) // 5 for k in keys}
+    people, got = _first_pass_both_ways(cfg, keys, x, photo, None)
+    assert len(got.clusters) >= 10
+    noise = {f for f, a in got.assignments.items() if a.cluster_id is None}
+    across = [f for f, (d, g) in people.other.items() if g >= 0 and f not in noise]
+    assert len(across) >= 10 and sum(people.other[f][1] >= 0 for f in noise) >= 10
