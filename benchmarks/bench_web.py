@@ -14,7 +14,7 @@ link to a small real JPEG, as in bench_output.py), serves the page with uvicorn 
 * ``crop``: a face crop cut from its original (the server's very first image; then the median of
   5 other faces) and one from the cache;
 * the reference, measured in the same run: the static style sheet through the same server (the
-  HTTP round trip every page pays), and ``Store.status()`` (what `organizer status` reads).
+  HTTP round trip every page pays), and ``ReviewQueries.status()`` (what `organizer status` reads).
 
 Each N runs in a fresh subprocess. Figures depend on the machine; compare the ratios.
 """
@@ -91,6 +91,7 @@ def build(n: int, work: Path):
 
 def worker(n: int, workdir: str) -> dict:
     from organizer.store import Store
+    from organizer.store_review import ReviewQueries
     from organizer.web.server import WebServer
 
     t = time.perf_counter()
@@ -118,7 +119,7 @@ def worker(n: int, workdir: str) -> dict:
         out["person_s"] = median(f"/person/{biggest}")
         out["doubtful_s"] = median("/doubtful")
         with Store.open_readonly(settings.db_path) as store:
-            ids, _ = store.person_encodings(biggest)
+            ids, _ = ReviewQueries(store).person_encodings(biggest)
             # the first image a server decodes also loads codecs and starts its thread pool
             out["crop_first_s"] = get(f"/face/{ids[0]}.jpg")
             out["crop_cold_s"] = statistics.median(get(f"/face/{f}.jpg") for f in ids[1:6])
@@ -126,7 +127,7 @@ def worker(n: int, workdir: str) -> dict:
             out["static_s"] = median("/static/style.css")
             t = time.perf_counter()
             for _ in range(5):
-                store.status()
+                ReviewQueries(store).status()
             out["status_s"] = (time.perf_counter() - t) / 5
     finally:
         server.stop()
@@ -143,7 +144,7 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.dir)))
         return
     print("| photos | people grid: first / again | biggest person (faces) | doubtful | crop: very first / uncached / cached | "
-          "style sheet (HTTP) | Store.status() | people grid first / status |")
+          "style sheet (HTTP) | ReviewQueries.status() | people grid first / status |")
     print("|---|---|---|---|---|---|---|---|")
     ms = lambda s: f"{s * 1000:.0f} ms" if s >= 0.01 else f"{s * 1000:.1f} ms"  # noqa: E731
     for n in [int(s) for s in args.sizes.split(",")]:

@@ -23,6 +23,7 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
 def main() -> None:
     from organizer.config import load_config
     from organizer.store import Store
+    from organizer.store_review import ReviewQueries
     from organizer.web.server import WebServer
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,7 +32,7 @@ def main() -> None:
     args = ap.parse_args()
     settings = load_config(None, {"paths.output": args.output})
     with Store.open_readonly(settings.db_path) as store:
-        person = args.person or store.page_people(limit=1)[0]["id"]
+        person = args.person or ReviewQueries(store).page_people(limit=1)[0]["id"]
     server = WebServer(settings, "127.0.0.1", 0)
     server.start()
     try:

@@ -17,6 +17,7 @@ from .logs import printable, setup_logging
 from .methods import ALGORITHMS
 from .perturb import KINDS as PERTURB_KINDS
 from .store import Store, StoreError
+from .store_review import ReviewQueries
 from .storefile import unusable_message
 
 log = logging.getLogger("organizer")
@@ -217,7 +218,7 @@ def scan(settings: Settings, forget_anyway: bool, algorithm: str):
                 org.reconcile()
         finally:
             org.close()
-        st = store.status()
+        st = ReviewQueries(store).status()
     from .service import reasons_text
 
     click.echo(
@@ -227,7 +228,7 @@ def scan(settings: Settings, forget_anyway: bool, algorithm: str):
     )
     code = 0
     if report.tree_failed:
-        wanted = getattr(org.last_tree, "wanted", 0)
+        wanted = getattr(org.tree.last, "wanted", 0)
         click.echo(f"output tree incomplete: {report.tree_failed} of {wanted} entries could not be written "
                    f"({reasons_text(report.tree_reasons)}); fix {settings.paths.output} and run scan again")
         code = EXIT_TREE_INCOMPLETE
@@ -246,12 +247,13 @@ def status(settings: Settings, as_json: bool, errors: int):
     from .output import folder_name
 
     with Store.open_readonly(settings.db_path) as store:
-        st = store.status(errors)
+        review = ReviewQueries(store)
+        st = review.status(errors)
         # a name that is not UTF-8 is shown with its odd bytes as \xNN (stdout must be text)
         st["last_errors"] = [{k: printable(v) for k, v in e.items()} for e in st["last_errors"]]
         st["output_errors"] = [printable(e) for e in st["output_errors"]]
-        st["duplicates"] = store.duplicate_count()
-        photos = {p["id"]: p["photos"] for p in store.people_summary()}
+        st["duplicates"] = review.duplicate_count()
+        photos = {p["id"]: p["photos"] for p in review.people_summary()}
         st["people"] = [
             {"id": c["id"], "name": c["name"], "folder": folder_name(c["id"], c["name"]), "faces": c["size"],
              "photos": photos[c["id"]]}
@@ -294,13 +296,14 @@ def doubtful(settings: Settings, as_json: bool):
     from .output import folder_name
 
     with Store.open_readonly(settings.db_path) as store:
-        faces = store.doubtful_photos()
+        review = ReviewQueries(store)
+        faces = review.doubtful_photos()
         for f in faces:
             f["path"] = printable(f["path"])
             f["nearest_folder"] = (folder_name(f["nearest"], f["nearest_name"])
                                    if f["nearest"] is not None else None)
             del f["nearest_name"]
-        without = [printable(p) for p in store.photos_without_faces()]
+        without = [printable(p) for p in review.photos_without_faces()]
     if as_json:
         click.echo(json.dumps({"doubtful": faces, "without_faces": without}, indent=2))
         return
@@ -323,7 +326,7 @@ def recluster(settings: Settings):
     with Store.open(settings.db_path, create=False) as store:  # a mistyped --output: no new store
         org = Organizer(settings, store, workers=1)
         try:
-            org.read_tree_edits(apply=False)  # the user's changes in the folders count
+            org.tree.read_edits(apply=False)  # the user's changes in the folders count
             org.recluster()
             org.reconcile()
         finally:

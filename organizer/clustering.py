@@ -21,6 +21,7 @@ from .constraints import Constraints
 from .incremental_dbscan import IncrementalDBSCAN, load_arrays, load_state, save_arrays, save_state
 from .methods import cluster_labels, refined
 from .store import FaceClustering, FaceVectors, Store
+from .store_corrections import CorrectionLog
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class Clustering:
 
     def __init__(self, store: Store, settings: Settings, encoder: str):
         self.store = store
+        self.correction_log = CorrectionLog(store)  # the people layer's decisions the user overrode
         self.cfg = settings.clustering
         self.min_size = settings.detection.min_face_size
         self.min_sharpness = settings.detection.min_sharpness
@@ -146,12 +148,12 @@ class Clustering:
         if self.store.clustering_clean(self.fingerprint()):
             t0 = time.monotonic()
             # the people layer resumes from its own decisions, not the corrected ones
-            reused = self._people.load(self.store.raw_assignments(), self._meta, self._engine,
+            reused = self._people.load(self.correction_log.raw_assignments(), self._meta, self._engine,
                                        near=load_arrays(self.people_state_path))
             log.info("people loaded from the store in %.1f s (nearest faces %s)", time.monotonic() - t0,
                      "from the saved state" if reused else "recomputed")
             self._constraints = Constraints(self.store)
-            self._constraints.load(self.store.cluster_assignments(), self.store.auto_assignments())
+            self._constraints.load(self.store.cluster_assignments(), self.correction_log.auto_assignments())
             # corrections made while nothing held the engine (the CLI, the folders at start-up)
             self._apply_groups(self._constraints.affected_groups(self._people.cid))
             return
@@ -160,7 +162,7 @@ class Clustering:
 
     def _raw_previous(self) -> dict[int, int | None]:
         """Each face's person as the people layer last decided it (ids are matched to these)."""
-        return {f: a.cluster_id for f, a in self.store.raw_assignments().items()}
+        return {f: a.cluster_id for f, a in self.correction_log.raw_assignments().items()}
 
     def apply_corrections(self) -> bool:
         """Re-read the user's corrections and redo the people they touch (after one was recorded,
@@ -253,4 +255,4 @@ class Clustering:
                 assignments, result.clusters, result.removed, result.next_id, full=full,
                 fingerprint=fingerprint or self.fingerprint()
             )
-            self.store.save_corrected(auto)
+            self.correction_log.save_corrected(auto)

@@ -33,6 +33,7 @@ import numpy as np
 
 from .cluster import ClusterResult, FaceAssignment, REFINE_SAMPLE, refinement_sample, representative
 from .store import Store
+from .store_corrections import CorrectionLog
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class Rules:
     def from_store(cls, store: Store) -> "Rules":
         """Replay the active corrections in the order they were made (a later one wins)."""
         r = cls()
-        for c in store.corrections(include_undone=False):
+        for c in CorrectionLog(store).rows(include_undone=False):
             for p in (c.person, c.other):
                 if p is not None:
                     r.pinned.add(p)

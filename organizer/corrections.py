@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .output import folder_name, validate_person_name
-from .store import CorrectionRow, Store, StoreError
+from .store import Store, StoreError
+from .store_corrections import CorrectionLog, CorrectionRow
 
 SOURCES = ("folders", "cli", "known", "page")
 
@@ -48,6 +49,7 @@ class Person:
 class Corrections:
     def __init__(self, store: Store):
         self.store = store
+        self.log = CorrectionLog(store)
 
     # ---- reading -------------------------------------------------------------------------
     def people(self, hidden: bool = False) -> list[Person]:
@@ -63,10 +65,10 @@ class Corrections:
         return out
 
     def history(self) -> list[CorrectionRow]:
-        return self.store.corrections()
+        return self.log.rows()
 
     def _merged_away(self) -> set[int]:
-        return {c.other for c in self.store.corrections(include_undone=False) if c.kind == "merge"}
+        return {c.other for c in self.log.rows(include_undone=False) if c.kind == "merge"}
 
     def person_id(self, ref: str | int, create: bool = False, source: str = "cli") -> int:
         """A person by id, name or folder name (``cluster_7``); ``create``: a name no person has
@@ -159,13 +161,12 @@ class Corrections:
                 self.store.set_cluster_name(person, value)
             except StoreError as exc:
                 raise CorrectionError(str(exc)) from None
-            return self.store.add_correction("name", source, person=person, name=value, faces=faces,
-                                             before={"name": p["name"]})
+            return self.log.add("name", source, person=person, name=value, faces=faces, before={"name": p["name"]})
 
     def assign(self, faces: list[int], person: int, source: str = "cli", from_person: int | None = None) -> int:
         """These faces are ``person``'s from now on (never again ``from_person``'s)."""
         self._require(person)
-        return self.store.add_correction("assign", source, person=person, other=from_person, faces=faces)
+        return self.log.add("assign", source, person=person, other=from_person, faces=faces)
 
     def split(self, name: str, faces: list[int], source: str = "cli", from_person: int | None = None) -> int:
         """A new person called ``name`` holding ``faces``; returns its id."""
@@ -177,13 +178,13 @@ class Corrections:
             raise CorrectionError(f"the name {value!r} is already used")
         with self.store.db.atomic():
             pid = self.store.new_person(value)
-            self.store.add_correction("split", source, person=pid, other=from_person, name=value, faces=faces)
+            self.log.add("split", source, person=pid, other=from_person, name=value, faces=faces)
         return pid
 
     def reject(self, faces: list[int], person: int, source: str = "cli") -> int:
         """These faces are never ``person``'s again."""
         self._require(person)
-        return self.store.add_correction("reject", source, person=person, faces=faces)
+        return self.log.add("reject", source, person=person, faces=faces)
 
     def merge(self, a: int, b: int, source: str = "cli") -> int:
         """Person ``a`` is person ``b`` from now on (b keeps its id and name; a's name goes, unless b
@@ -196,13 +197,13 @@ class Corrections:
             if pa["name"] and not pb["name"]:
                 self.store.set_cluster_name(a, None)
                 self.store.set_cluster_name(b, pa["name"])
-            return self.store.add_correction("merge", source, person=b, other=a, before=before)
+            return self.log.add("merge", source, person=b, other=a, before=before)
 
     def hide(self, person: int, source: str = "cli") -> int:
         self._require(person)
         with self.store.db.atomic():
             self.store.set_hidden(person, True)
-            return self.store.add_correction("hide", source, person=person)
+            return self.log.add("hide", source, person=person)
 
     def unhide(self, person: int, source: str = "cli") -> int:
         p = self._require(person)
@@ -210,11 +211,11 @@ class Corrections:
             raise CorrectionError(f"person {person} is not hidden")
         with self.store.db.atomic():
             self.store.set_hidden(person, False)
-            return self.store.add_correction("unhide", source, person=person)
+            return self.log.add("unhide", source, person=person)
 
     def undo(self) -> CorrectionRow | None:
         """Undo the latest correction not undone yet (repeatable); returns it, None if none is left."""
-        c = self.store.last_correction()
+        c = self.log.last()
         if c is None:
             return None
         before = json.loads(c.before) if c.before else {}
@@ -232,7 +233,7 @@ class Corrections:
                 self.store.set_cluster_name(c.person, None)
             elif c.kind in ("hide", "unhide"):
                 self.store.set_hidden(c.person, c.kind == "unhide")
-            self.store.mark_undone(c.id)
+            self.log.mark_undone(c.id)
         return c
 
 

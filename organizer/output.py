@@ -30,6 +30,7 @@ from PIL import Image
 from . import montage
 from .ingest import IngestError, upright_crop
 from .store import OUTPUT_ERRORS, Store
+from .store_review import ReviewQueries
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ def _crop_source(face, path: str) -> str:
     return f"{face.id}|{path}|{face.top},{face.right},{face.bottom},{face.left}"
 
 
-def _ident(dst: Path) -> str:
+def entry_ident(dst: Path) -> str:
     """What identifies the entry we created: the symlink target, or device:inode of the file."""
     if dst.is_symlink():
         return "symlink:" + os.readlink(dst)
@@ -206,7 +207,7 @@ def _adoptable(dst: Path, kind: str, source: str) -> bool:
 def _is_ours(dst: Path, ident: str | None) -> bool:
     """Is the file at dst still the very entry we created (not replaced by a person)?"""
     try:
-        return ident is not None and _ident(dst) == ident
+        return ident is not None and entry_ident(dst) == ident
     except OSError:
         return False
 
@@ -343,7 +344,7 @@ def reconcile(store: Store, output: Path, link_mode: str = "hardlink", max_pixel
                 if exists and _is_ours(dst, idents.get(relpath)):
                     continue
                 if exists and idents.get(relpath) is None and _adoptable(dst, kind, source):
-                    store.manifest_set_ident(relpath, _ident(dst))
+                    store.manifest_set_ident(relpath, entry_ident(dst))
                     continue
                 if exists:  # someone replaced our entry with their own file: theirs now
                     log.warning("leaving %s alone: it was replaced by someone else", dst)
@@ -362,7 +363,7 @@ def reconcile(store: Store, output: Path, link_mode: str = "hardlink", max_pixel
                 _place_link(source, dst, link_mode)
             else:
                 _write_crop(source, dst, max_pixels, kind)
-            store.manifest_set_ident(relpath, _ident(dst))
+            store.manifest_set_ident(relpath, entry_ident(dst))
             report.created += 1
         except FileNotFoundError:
             # the original vanished since the last scan; the watcher will drop it from the store
@@ -399,12 +400,13 @@ class FolderEvents:
 
     def __init__(self, store: Store):
         self.store = store
+        self.review = ReviewQueries(store)
         self._folders: dict[int, str] | None = None
         self._assign: dict[int, int | None] = {}
 
     def _now(self) -> dict[int, str]:
         names = {c["id"]: c["name"] for c in self.store.clusters()}
-        return {p["id"]: folder_name(p["id"], names.get(p["id"])) for p in self.store.people_summary()}
+        return {p["id"]: folder_name(p["id"], names.get(p["id"])) for p in self.review.people_summary()}
 
     def update(self) -> None:
         folders = self._now()

@@ -17,23 +17,14 @@ from .clustering import Clustering
 from .config import Settings
 from .encode import encoder_id
 from .executors import encoder_for
-from .ingest import IngestError, check_readable, discover, sha256_file
+from .ingest import IngestError, check_readable, sha256_file
 from .layout import Layout, WatchState
-from .output import FolderEvents, reconcile
+from .library import Library
 from .reencode import EncodingUpgrade
 from .store import PhotoFile, Store
+from .tree import OutputTree
 
 log = logging.getLogger(__name__)
-
-# Decode failures that a file still being written also gives (a copy paused mid-file).
-MAYBE_INCOMPLETE = ("empty file", "truncated", "not a recognised image format", "cannot decode image",
-                    "file disappeared")
-
-
-def growing_grace(settle_seconds: float) -> float:
-    """How long after its last change an incomplete-looking file is still taken for one being
-    copied (and retried) rather than recorded as broken."""
-    return max(60.0, 20 * settle_seconds)
 
 # Inside a batch the folders are updated as photos finish, at most every this many seconds and
 # every PARTIAL_REFRESH_SHARE times the last update's cost: the writer spends at most ~1/5 of its
@@ -64,15 +55,6 @@ class ScanReport:
     tree_reasons: dict[str, int] = field(default_factory=dict)  # why (strerror) -> how many
 
 
-def has_entries(folder: Path) -> bool:
-    """False for an empty folder, and for one that is missing or cannot be listed."""
-    try:
-        with os.scandir(folder) as entries:
-            return next(entries, None) is not None
-    except OSError:
-        return False
-
-
 class Organizer:
     """Runs the stages over one store: finds photos, has them ingested, encoded and stored, then
     has the clustering (:class:`~organizer.clustering.Clustering`) and the output tree updated.
@@ -83,6 +65,7 @@ class Organizer:
         otherwise one is made here with ``workers`` processes."""
         self.settings = settings
         self.store = store
+        sv = settings.service
         self.watch = Path(os.path.abspath(settings.paths.watch)) if settings.paths.watch else None
         self.output = Path(os.path.abspath(settings.paths.output))
         self.encoder = encoder or encoder_for(settings, workers)
@@ -90,11 +73,8 @@ class Organizer:
         self.clustering = Clustering(store, settings, encoder_id(self.encoder.settings))
         self.encodings = EncodingUpgrade(store, self.encoder, self.watch, on_done=self.clustering.discard_state)
         self.layout = Layout(self.watch, self.output, Path(os.path.abspath(store.path)))
-        self.last_tree = None  # the last ReconcileReport
-        self._tree_logged: set[str] = set()  # output errors logged since the last scan began
-        self._witnessed: set[str] = set()  # paths the watcher saw go while the folder was unavailable
-        self._folder_events = FolderEvents(store)
-        self._folder_events.update()  # the baseline: what the tree holds at the start
+        self.library = Library(store, self.layout, self.watch, sv.max_forget_share)
+        self.tree = OutputTree(store, self.output, sv.link_mode, settings.detection.max_pixels, self.apply_corrections)
         self._refreshed_at, self._refresh_cost = time.monotonic(), 0.0  # see PARTIAL_REFRESH_SECONDS
 
     def close(self) -> None:
@@ -119,7 +99,7 @@ class Organizer:
         """
         if self.watch is None:
             raise ValueError("no folder to watch: set --watch or paths.watch")
-        self._tree_logged.clear()  # each failing output entry is logged once per scan
+        self.tree.logged.clear()  # each failing output entry is logged once per scan
         report = ScanReport()
         known = self.store.photo_states()
         state = self.layout.watch_state(bool(known))
@@ -130,47 +110,11 @@ class Organizer:
             report.unavailable, report.kept = state, len(known)
             self._finish(report, verify=True)
             return report
-        found: list[Path] = []
-        unreadable: list[Path] = []
-        now = time.time()
-        for path in discover(self.watch, self.layout, unreadable):
-            report.seen += 1
-            if settle_seconds:
-                try:
-                    if now - os.lstat(path).st_mtime < settle_seconds:
-                        report.unsettled.append(path)
-                        known.pop(str(path), None)
-                        continue
-                except OSError:
-                    pass
-            found.append(path)
-        seen = {str(p) for p in found} | {str(p) for p in report.unsettled}
-        # photos in a folder that could not be listed are out of reach, not gone
-        hidden = tuple(str(u).rstrip(os.sep) + os.sep for u in unreadable)
-        vanished = [p for p in known if p not in seen and not p.startswith(hidden)]
-        # seen going by the watcher (a sign of deletion): forgotten whatever their number
-        went = tuple(w.rstrip(os.sep) + os.sep for w in self._witnessed)
-        witnessed = [p for p in vanished if p in self._witnessed or p.startswith(went)]
-        self._witnessed.clear()
-        if witnessed:
-            self.store.remove_photos(witnessed)
-            report.removed = len(witnessed)
-            log.info("removed %d photos deleted from the watched folder", len(witnessed))
-            gone = set(witnessed)
-            vanished = [p for p in vanished if p not in gone]
-        share = self.settings.service.max_forget_share
-        if vanished and len(vanished) > share * len(known) and not forget_anyway:
-            log.error("%d of the %d photos the store knows are no longer found in %s: more than %d%% at once looks "
-                      "like a moved or unmounted folder or a changed --watch/--output/--db, not a deletion, so "
-                      "nothing is forgotten. If you did remove them, run `organizer scan --forget-anyway` "
-                      "(service.max_forget_share sets the limit)", len(vanished), len(known), self.watch,
-                      round(share * 100))
-            report.kept = len(vanished)
-        elif vanished:
-            self.store.remove_photos(vanished)
-            report.removed += len(vanished)
-            log.info("removed %d photos that are no longer in the watched folder", len(vanished))
-        self.process(found, progress=progress, stop=stop, report=report, settle_seconds=settle_seconds)
+        listing = self.library.listing(known, settle_seconds)
+        report.seen = len(listing.found) + len(listing.unsettled)
+        report.unsettled = listing.unsettled
+        report.removed, report.kept = self.library.forget_vanished(known, listing, forget_anyway)
+        self.process(listing.found, progress=progress, stop=stop, report=report, settle_seconds=settle_seconds)
         self._retry_failed = False
         if not stop():
             # also when nothing changed: finishes an update a crash interrupted and puts back
@@ -181,7 +125,7 @@ class Organizer:
     def _finish(self, report: ScanReport, verify: bool) -> None:
         """Update clusters and the tree; the tree's failures go into ``report``."""
         self.refresh(verify)
-        tree = self.last_tree
+        tree = self.tree.last
         if tree is not None:
             report.tree_failed = len(tree.errors)
             report.tree_reasons = dict(getattr(tree, "reasons", {}) or {})
@@ -207,19 +151,7 @@ class Organizer:
         report = report or ScanReport()
         if not self.upgrade_encodings(stop):  # before new faces join the old ones
             return report
-        paths = [p for p in (Path(os.path.abspath(p)) for p in paths) if self.layout.is_input(p)]
-        known = self.store.photo_states(str(p) for p in paths)
-        todo = []
-        for path in paths:
-            try:
-                st = os.stat(path)
-                state = known.get(str(path))
-                if state and state[0] == st.st_size and state[1] == st.st_mtime:
-                    if state[2] == "ok" or not self._retry_failed:
-                        continue
-            except OSError:
-                pass  # check_readable reports it properly below
-            todo.append(path)
+        todo = self.library.to_process(paths, self._retry_failed)
         report.new += len(todo)
         total = len(todo)
         done = [0]
@@ -272,7 +204,7 @@ class Organizer:
                 st = check_readable(path, self.watch or path.parent)
                 sha = sha256_file(path)
             except IngestError as exc:
-                self._fail(path, str(exc), report, settle_seconds=settle_seconds)
+                self.library.fail(path, str(exc), report, settle_seconds=settle_seconds)
                 tick()
                 continue
             if self.store.known_sha(sha):
@@ -294,7 +226,7 @@ class Organizer:
             for result in results:
                 sha, size, mtime = to_encode[result.path]
                 if result.error:
-                    self._fail(result.path, result.error, report, size, mtime, settle_seconds)
+                    self.library.fail(result.path, result.error, report, size, mtime, settle_seconds)
                 else:
                     self.store.record_encoded(PhotoFile(str(result.path), size, mtime), sha, result)
                     report.encoded += 1
@@ -315,56 +247,17 @@ class Organizer:
                 self.store.record_duplicate(PhotoFile(str(path), size, mtime), sha)
                 report.duplicates += 1
             else:
-                self._fail(path, self.store.error_of(str(first_of[sha])) or "could not be decoded", report, size,
+                self.library.fail(path, self.store.error_of(str(first_of[sha])) or "could not be decoded", report, size,
                            mtime, settle_seconds)
             tick()
 
-    def _fail(self, path: Path, reason: str, report: ScanReport, size: int = 0, mtime: float = 0.0,
-              settle_seconds: float = 0.0) -> None:
-        try:
-            st = os.lstat(path)
-            if not size:
-                size, mtime = st.st_size, st.st_mtime
-            changed = (st.st_size, st.st_mtime) != (size, mtime)
-            recent = time.time() - st.st_mtime < growing_grace(settle_seconds)
-        except OSError:
-            changed = recent = False
-        if settle_seconds and changed:
-            # written to while it was read: still being copied. Not a failure: it settles again
-            log.debug("%s changed while it was read; trying again once it settles", path)
-            report.unsettled.append(path)
-            return
-        if settle_seconds and recent and reason.startswith(MAYBE_INCOMPLETE):
-            # a copy that paused for longer than the settle time looks like this too
-            log.debug("%s looks incomplete (%s); trying again when it changes", path, reason)
-            report.incomplete.append((path, size, mtime))
-            return
-        log.warning("cannot use %s: %s", path, reason)
-        self.store.record_failure(PhotoFile(str(path), size, mtime), reason)
-        report.failed += 1
-
     def forget(self, paths: Iterable[Path]) -> int:
-        """Drop photos whose originals were deleted or moved away (the watcher saw them go), then
-        update the tree. Only photos whose file is really gone from an available watched folder;
-        while it is unavailable they are remembered for the next scan."""
-        known = self.store.photo_states()
-        paths = list(paths)
-        if self.layout.watch_state(bool(known)) is not WatchState.AVAILABLE:
-            # not now (the whole folder may be a disk being remounted); the rescan once it is back
-            # forgets those of them still gone, however many (a deletion was seen)
-            self._witnessed.update(str(p) for p in paths if Path(p) != self.watch)
-            return 0
-        gone = [str(p) for p in paths if str(p) in known and not os.path.lexists(p)]
-        # a deleted folder: forget everything under it
-        for p in paths:
-            prefix = str(p).rstrip("/") + "/"
-            gone += [k for k in known if k.startswith(prefix) and not os.path.lexists(k)]
-        gone = sorted(set(gone))
+        """Drop photos whose originals were deleted or moved away (the watcher saw them go, see
+        :meth:`Library.forget`), then update the tree; returns how many."""
+        gone = self.library.forget(paths)
         if gone:
-            self.store.remove_photos(gone)
-            log.info("forgot %d removed photo(s)", len(gone))
             self.refresh(verify=False)
-        return len(gone)
+        return gone
 
     # ---- clustering + output ---------------------------------------------------------------
     def upgrade_encodings(self, stop: Callable[[], bool] = lambda: False) -> bool:
@@ -393,24 +286,6 @@ class Organizer:
         self.upgrade_encodings()
         return self.clustering.apply_corrections()
 
-    def read_tree_edits(self, tops=None, apply: bool = True) -> bool:
-        """Record what the user changed in the person folders (all of them, or the ``tops``
-        top-level folders) as corrections and apply them (unless not ``apply``: a recluster
-        follows); before any tree update, which would otherwise put moved links back. True if a
-        correction was made."""
-        from .tree_edits import TreeEdits
-
-        report = TreeEdits(self.store, self.output).interpret(tops)
-        if report.corrections and apply:
-            self.apply_corrections()
-        return bool(report.corrections)
-
     def reconcile(self, verify: bool = True, tops=()):
-        """Update the tree; the user's changes in it are read first (``verify``: in every folder,
-        otherwise in the ``tops`` folders the service saw change)."""
-        self.read_tree_edits(None if verify else tops)
-        s = self.settings
-        self.last_tree = reconcile(self.store, self.output, s.service.link_mode, s.detection.max_pixels, verify,
-                                   logged=self._tree_logged)
-        self._folder_events.update()
-        return self.last_tree
+        """Update the tree, the user's changes in it read first (see :meth:`OutputTree.update`)."""
+        return self.tree.update(verify, tops)

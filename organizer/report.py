@@ -171,6 +171,7 @@ def collect(store, settings, seed: int = 0) -> ReportData:
     from sklearn.manifold import TSNE
 
     from .output import folder_name
+    from .store_review import ReviewQueries
 
     rng = np.random.default_rng(seed)
     d, c = settings.detection, settings.clustering
@@ -179,10 +180,11 @@ def collect(store, settings, seed: int = 0) -> ReportData:
     faces = {f.id: f for f in store.faces()}
     clusters = store.clusters()
     names = {cl["id"]: folder_name(cl["id"], cl["name"]) for cl in clusters}
-    data = ReportData(faces=len(faces), usable=len(ids), people=store.status()["clusters"],
+    status = ReviewQueries(store).status()
+    data = ReportData(faces=len(faces), usable=len(ids), people=status["clusters"],
                       doubtful=sum(f.doubtful for f in faces.values()),
                       noise=sum(f.cluster_id is None for f in faces.values()),
-                      photos=store.status()["photos_ok"])
+                      photos=status["photos_ok"])
     labels = np.array([faces[int(f)].cluster_id if faces[int(f)].cluster_id is not None else -1 for f in ids], dtype=int)
     sizes: dict[str, int] = {}
     for f in faces.values():

@@ -28,8 +28,10 @@ from .config import Settings
 from .encode import EncoderUnavailable, check_models
 from .ingest import discover
 from .layout import Layout, WatchState
-from .pipeline import Organizer, growing_grace
+from .library import growing_grace
+from .pipeline import Organizer
 from .store import Store, StoreError
+from .store_review import ReviewQueries
 from .storefile import unusable_message
 from .watch import Settler, Watcher
 
@@ -55,12 +57,55 @@ class _Notifier:
             self._n.notify(msg)
 
 
+class TreeChanges:
+    """The user's changes in the output tree as its watcher reports them: read (and the tree
+    updated) once the changed top-level folders have been quiet for TREE_QUIET seconds."""
+
+    def __init__(self, org: Organizer, watcher: Watcher | None):
+        self.org = org
+        self.watcher = watcher  # None: the tree cannot be watched now (read at the next rescan)
+        self.tops: set[str] = set()  # the top-level folders changed and not read yet
+        self.seen = 0.0  # when the last change came
+
+    def poll(self) -> None:
+        if self.watcher is None:
+            return
+        tops = self._tops(self.watcher.drain())
+        if tops:
+            self.tops |= tops
+            self.seen = time.monotonic()
+        elif self.tops and time.monotonic() - self.seen >= TREE_QUIET:
+            self.org.reconcile(verify=False, tops=self.tops)  # reads the user's changes first
+            self.tops = set()
+
+    def _tops(self, paths: set[str]) -> set[str]:
+        """The top-level folders of the output tree that changed (the store's own folder aside)."""
+        tops = set()
+        for path in paths:
+            try:
+                rel = Path(path).relative_to(self.org.output)
+            except ValueError:
+                continue
+            if rel.parts and not rel.parts[0].startswith("."):
+                tops.add(rel.parts[0])
+        return tops
+
+    def stop(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+
+
 class Service:
+    """`organizer run`: one store, its watchers and the loop that feeds the :class:`Organizer`."""
+
     def __init__(self, settings: Settings, on_ready: Callable[[], None] | None = None):
         self.settings = settings
         self.on_ready = on_ready  # called once the store is held (`run --web` then serves its page)
         self.stop_requested = False
         self.notify = _Notifier()
+        self.watcher: Watcher | None = None  # on the watched folder (None while it is not there)
+        self._paused = False  # the watched folder is not available: rescans wait for it
+        self._last_rescan = 0.0
 
     def _on_signal(self, signum, _frame) -> None:
         if self.stop_requested:
@@ -83,82 +128,33 @@ class Service:
         except (StoreError, EncoderUnavailable) as exc:
             log.error("%s", exc)
             return 1
-        watcher = None
         tree = None
         org = None
         try:
             org = Organizer(s, store)
             org.encoder.start()  # workers ready before the first photo arrives (a drop is seen in seconds)
-            watch = layout.watch
-            if layout.watch_state(False) is WatchState.MISSING and not store.has_photos():
-                # a first start (README: `organizer run --watch ~/Pictures/inbox ...`): make the inbox
-                try:
-                    watch.mkdir(parents=True, exist_ok=True)
-                    log.info("created the watched folder %s (it did not exist)", watch)
-                except OSError as exc:
-                    log.error("cannot create the watched folder %s: %s", watch, exc.strerror or exc)
-                    return 1
+            if not self._make_inbox(layout, store):
+                return 1
             settler = Settler(s.service.settle_seconds)
             self._paused = False
-            watcher = self._start_watcher(org)
-            tree = self._start_tree_watcher(org)  # the user's corrections in the folders
-            tree_tops: set[str] = set()
-            tree_seen = 0.0
-            log.info("watching %s (%s), output in %s, store %s", watch,
+            self.watcher = self._start_watcher(org)
+            tree = TreeChanges(org, self._start_tree_watcher(org))  # the user's corrections in the folders
+            log.info("watching %s (%s), output in %s, store %s", layout.watch,
                      "polling" if s.service.polling else "events", org.output, s.db_path)
             self.notify("READY=1")
             if self.on_ready is not None:
                 self.on_ready()
             self._rescan(org, settler)
-            last_rescan = time.monotonic()
+            self._last_rescan = time.monotonic()
             data_version = store.data_version()
             while not self.stop_requested:
                 time.sleep(TICK)
-                if watcher is not None:
-                    for path in watcher.drain():
+                if self.watcher is not None:
+                    for path in self.watcher.drain():
                         self._enqueue(path, org, settler)
-                tops = self._tree_tops(org, tree.drain()) if tree is not None else set()
-                if tops:
-                    tree_tops |= tops
-                    tree_seen = time.monotonic()
-                elif tree_tops and time.monotonic() - tree_seen >= TREE_QUIET:
-                    org.reconcile(verify=False, tops=tree_tops)  # reads the user's changes first
-                    tree_tops = set()
-                settled, gone = settler.ready()
-                if gone:
-                    # (not while the whole folder is gone, e.g. moved away or unmounted: the rescan
-                    # once it is back forgets what is really gone)
-                    self._watch_available(org)
-                    org.forget([Path(p) for p in gone])
-                files = []
-                for p in settled:
-                    if os.path.isdir(p) and not os.path.islink(p):
-                        for f in discover(Path(p), org.layout):  # a folder moved in
-                            settler.add(str(f))
-                    else:
-                        files.append(Path(p))
-                if files and not self.stop_requested:
-                    report = org.process(files, stop=self._stopping, settle_seconds=s.service.settle_seconds)
-                    self._hand_back(report, settler)
-                    self._status(org, settler)
-                interval = s.service.rescan_interval
-                due = interval and time.monotonic() - last_rescan >= interval
-                if watcher is not None and watcher.overflowed():
-                    log.warning("the kernel dropped file events (inotify queue overflow): rescanning")
-                    due = True
-                alive = watcher is not None and watcher.alive
-                if (due or self._paused or not alive) and not self.stop_requested:
-                    if not alive and self._watch_available(org):
-                        # watchdog stops silently when its folder is deleted or replaced (e.g.
-                        # remounted): watch the folder that is there now, and catch up
-                        if watcher is not None:
-                            log.error("the file watcher stopped; restarting it (a rescan catches up)")
-                            watcher.stop()
-                        watcher = self._start_watcher(org)
-                        due = True
-                    if due or self._paused:
-                        self._rescan(org, settler)
-                        last_rescan = time.monotonic()
+                tree.poll()
+                self._process_settled(org, settler)
+                self._rescan_if_due(org, settler)
                 dv = store.data_version()
                 if dv != data_version:  # another process changed the store (e.g. `organizer name`)
                     data_version = dv
@@ -172,13 +168,69 @@ class Service:
             self.notify(f"STATUS=stopped: cannot use the store ({exc})")
             return 1
         finally:
-            if watcher is not None:
-                watcher.stop()
+            if self.watcher is not None:
+                self.watcher.stop()
             if tree is not None:
                 tree.stop()
             if org is not None:
                 org.close()
             store.close()
+
+    @staticmethod
+    def _make_inbox(layout: Layout, store: Store) -> bool:
+        """On a first start (README: `organizer run --watch ~/Pictures/inbox ...`) make the watched
+        folder if it is missing; False if it cannot be made."""
+        if layout.watch_state(False) is WatchState.MISSING and not store.has_photos():
+            try:
+                layout.watch.mkdir(parents=True, exist_ok=True)
+                log.info("created the watched folder %s (it did not exist)", layout.watch)
+            except OSError as exc:
+                log.error("cannot create the watched folder %s: %s", layout.watch, exc.strerror or exc)
+                return False
+        return True
+
+    def _process_settled(self, org: Organizer, settler: Settler) -> None:
+        """Forget what went, then process the files that settled as one batch (a folder moved in
+        gives its files to the settler)."""
+        settled, gone = settler.ready()
+        if gone:
+            # (not while the whole folder is gone, e.g. moved away or unmounted: the rescan
+            # once it is back forgets what is really gone)
+            self._watch_available(org)
+            org.forget([Path(p) for p in gone])
+        files = []
+        for p in settled:
+            if os.path.isdir(p) and not os.path.islink(p):
+                for f in discover(Path(p), org.layout):  # a folder moved in
+                    settler.add(str(f))
+            else:
+                files.append(Path(p))
+        if files and not self.stop_requested:
+            report = org.process(files, stop=self._stopping, settle_seconds=self.settings.service.settle_seconds)
+            self._hand_back(report, settler)
+            self._status(org, settler)
+
+    def _rescan_if_due(self, org: Organizer, settler: Settler) -> None:
+        """Rescan every ``rescan_interval``, after the kernel dropped events, while paused (until
+        the watched folder is back), and when the watcher stopped (restarted first)."""
+        interval = self.settings.service.rescan_interval
+        due = interval and time.monotonic() - self._last_rescan >= interval
+        if self.watcher is not None and self.watcher.overflowed():
+            log.warning("the kernel dropped file events (inotify queue overflow): rescanning")
+            due = True
+        alive = self.watcher is not None and self.watcher.alive
+        if (due or self._paused or not alive) and not self.stop_requested:
+            if not alive and self._watch_available(org):
+                # watchdog stops silently when its folder is deleted or replaced (e.g.
+                # remounted): watch the folder that is there now, and catch up
+                if self.watcher is not None:
+                    log.error("the file watcher stopped; restarting it (a rescan catches up)")
+                    self.watcher.stop()
+                self.watcher = self._start_watcher(org)
+                due = True
+            if due or self._paused:
+                self._rescan(org, settler)
+                self._last_rescan = time.monotonic()
 
     def _start_tree_watcher(self, org: Organizer) -> Watcher | None:
         """A started watcher on the output tree (the user's corrections), or None if the tree
@@ -217,19 +269,6 @@ class Service:
         elif org.layout.is_input(p, is_dir=os.path.isdir(p) and not os.path.islink(p)):
             settler.add(path)
 
-    @staticmethod
-    def _tree_tops(org: Organizer, paths: set[str]) -> set[str]:
-        """The top-level folders of the output tree that changed (the store's own folder aside)."""
-        tops = set()
-        for path in paths:
-            try:
-                rel = Path(path).relative_to(org.output)
-            except ValueError:
-                continue
-            if rel.parts and not rel.parts[0].startswith("."):
-                tops.add(rel.parts[0])
-        return tops
-
     def _watch_available(self, org: Organizer) -> bool:
         """Is the watched folder there (:meth:`Layout.watch_state`)? If not, rescans pause until it
         is back: nothing is forgotten meanwhile."""
@@ -240,7 +279,8 @@ class Service:
             log.info("the watched folder %s is back; catching up", org.watch)
         elif not available and not self._paused:
             if known:
-                log.error("%s; waiting for it to come back", org.layout.unavailable_message(state, org.store.status(0)["photos"]))
+                photos = ReviewQueries(org.store).status(0)["photos"]
+                log.error("%s; waiting for it to come back", org.layout.unavailable_message(state, photos))
             else:
                 log.error("the watched folder %s is missing or cannot be listed; waiting for it", org.watch)
             self.notify("STATUS=waiting for the watched folder (missing or empty)")
@@ -277,8 +317,8 @@ class Service:
             settler.add(str(p), wait=growing_grace(self.settings.service.settle_seconds), seen=(size, mtime))
 
     def _status(self, org: Organizer, settler: Settler) -> None:
-        st = org.store.status(0)
-        tree = org.last_tree
+        st = ReviewQueries(org.store).status(0)
+        tree = org.tree.last
         broken = ""
         if tree is not None and tree.errors:
             broken = f", {len(tree.errors)} output entries failed ({reasons_text(tree.reasons)})"

@@ -1,9 +1,11 @@
 """Store: the SQLite database of photos, faces, clusters and the output manifest.
 
-This is the only module that writes SQL. The service holds one connection and writes from one
-thread; each photo's result, each removal and each clustering update is committed in one
-transaction, so killing the process at any moment leaves a consistent database that the next
-start resumes from. Opening and locking the file: storefile.py.
+This module and its two siblings over the same connection, store_review.py (the read queries
+behind what the user sees) and store_corrections.py (the corrections rows), are the only code
+that writes SQL. The service holds one connection and writes from one thread; each photo's
+result, each removal and each clustering update is committed in one transaction, so killing the
+process at any moment leaves a consistent database that the next start resumes from. Opening
+and locking the file: storefile.py.
 """
 
 from __future__ import annotations
@@ -24,8 +26,7 @@ from sqlite_utils.migrations import Migrations
 from .logs import printable
 from .storefile import APP_ID, StoreError, StoreLocked, check_file, require_existing, take_lock
 
-__all__ = ["Store", "StoreError", "StoreLocked", "PhotoFile", "PhotoState", "FaceVectors", "FaceClustering", "Face",
-           "CorrectionRow"]
+__all__ = ["Store", "StoreError", "StoreLocked", "PhotoFile", "PhotoState", "FaceVectors", "FaceClustering", "Face"]
 
 migrations = Migrations("organizer")
 
@@ -162,23 +163,7 @@ class Face:
     nearest_cluster: int | None
 
 
-@dataclass
-class CorrectionRow:
-    """One correction as stored (see :mod:`organizer.corrections` for what each kind means)."""
-    id: int
-    kind: str  # name, assign, split, reject, merge, hide, unhide
-    person: int | None
-    other: int | None  # assign/split: the person the faces came from; merge: the person merged away
-    name: str | None
-    before: str | None  # JSON: what undo restores
-    source: str  # folders, cli, known
-    created_at: float
-    undone: bool
-    faces: list[int]  # current face ids (faces of photos no longer in the library are left out)
-    horizon: int = 0  # the highest face id when it was made: faces above it arrived later
-
-
-def _db_text(text: str) -> str | bytes:
+def db_text(text: str) -> str | bytes:
     """A path (or text holding one) as the store keeps it.
 
     Paths are SQLite text, which must be UTF-8. A file name that is not (Latin-1 from an old
@@ -194,8 +179,8 @@ def _db_text(text: str) -> str | bytes:
         return os.fsencode(text)
 
 
-def _py_text(value: str | bytes | None) -> str | None:
-    """The inverse of :func:`_db_text`."""
+def py_text(value: str | bytes | None) -> str | None:
+    """The inverse of :func:`db_text`."""
     return os.fsdecode(value) if isinstance(value, bytes) else value
 
 
@@ -344,13 +329,13 @@ class Store:
         batch of the service does not read the whole table)."""
         sql = "select path, size, mtime, status from photos"
         if paths is None:
-            return {_py_text(r[0]): PhotoState(*r[1:]) for r in self.db.execute(sql)}
-        keys = [_db_text(str(p)) for p in paths]
+            return {py_text(r[0]): PhotoState(*r[1:]) for r in self.db.execute(sql)}
+        keys = [db_text(str(p)) for p in paths]
         out = {}
         for start in range(0, len(keys), 500):
             chunk = keys[start : start + 500]
             rows = self.db.execute(f"{sql} where path in ({','.join('?' * len(chunk))})", chunk)
-            out.update({_py_text(r[0]): PhotoState(*r[1:]) for r in rows})
+            out.update({py_text(r[0]): PhotoState(*r[1:]) for r in rows})
         return out
 
     def known_sha(self, sha256: str) -> bool:
@@ -391,9 +376,9 @@ class Store:
     def _put_photo(self, photo: PhotoFile, sha, status, error, now) -> None:
         """Write a photo's row. Content the path held before goes (with its faces) when no other
         path refers to it; the saved clustering no longer covers every face."""
-        row = self.db.execute("select sha256 from photos where path=?", [_db_text(photo.path)]).fetchone()
+        row = self.db.execute("select sha256 from photos where path=?", [db_text(photo.path)]).fetchone()
         self.db["photos"].upsert(
-            {"path": _db_text(photo.path), "sha256": sha, "size": photo.size, "mtime": photo.mtime,
+            {"path": db_text(photo.path), "sha256": sha, "size": photo.size, "mtime": photo.mtime,
              "status": status, "updated_at": now,
              "error": None if error is None else printable(error)},  # may quote an odd name
             pk="path",
@@ -408,7 +393,7 @@ class Store:
         """Forget photos, and the content (with its faces) that no other path refers to."""
         with self.db.atomic():
             for path in paths:
-                self.db.execute("delete from photos where path=?", [_db_text(path)])
+                self.db.execute("delete from photos where path=?", [db_text(path)])
             self._prune_orphans()
             self._mark_dirty()
 
@@ -428,10 +413,7 @@ class Store:
     # ---- faces & clusters ----------------------------------------------------------------
     def usable_encodings(self, min_size: int, min_sharpness: float) -> FaceVectors:
         """The faces fit for clustering: at least ``min_size`` pixels and ``min_sharpness``."""
-        rows = self.db.execute(
-            f"{_FACE_VECTORS} where size>=? and sharpness>=? order by id", [min_size, min_sharpness]
-        ).fetchall()
-        return FaceVectors.from_rows(rows)
+        return self.face_vectors("size>=? and sharpness>=? order by id", [min_size, min_sharpness])
 
     def unusable_encodings(self, min_size: int, min_sharpness: float, pending: bool = False) -> FaceVectors:
         """The faces too small or blurred to cluster; ``pending``: only those not given a doubt
@@ -439,8 +421,7 @@ class Store:
         cond = "not (size>=? and sharpness>=?)"
         if pending:
             cond = f"cluster_id is null and doubt_reason is null and {cond}"
-        rows = self.db.execute(f"{_FACE_VECTORS} where {cond} order by id", [min_size, min_sharpness]).fetchall()
-        return FaceVectors.from_rows(rows)
+        return self.face_vectors(f"{cond} order by id", [min_size, min_sharpness])
 
     def usable_ids(self, min_size: int, min_sharpness: float, after: int = 0) -> set[int]:
         """Ids of the faces fit for clustering (with an id above ``after``: a primary-key range,
@@ -534,7 +515,7 @@ class Store:
         """(sha256, its paths, face ids, boxes (top, right, bottom, left)) for every image with faces."""
         paths: dict[str, list[str]] = {}
         for sha, path in self.db.execute("select sha256, path from photos where sha256 is not null order by path"):
-            paths.setdefault(sha, []).append(_py_text(path))
+            paths.setdefault(sha, []).append(py_text(path))
         out: dict[str, tuple] = {}
         for sha, fid, t, r, b, l in self.db.execute(
             "select sha256, id, top, right, bottom, left from faces order by sha256, idx"
@@ -562,12 +543,16 @@ class Store:
             "select p.path, f.id, f.sha256 from photos p join faces f on f.sha256 = p.sha256"
             " where p.status='ok' order by p.path, f.idx"
         ):
-            yield _py_text(path), face_id, sha
+            yield py_text(path), face_id, sha
 
     def face(self, face_id: int) -> Face | None:
         for f in self.faces_where("id=?", [face_id]):
             return f
         return None
+
+    def face_vectors(self, where: str, params: list) -> FaceVectors:
+        """The faces matching the SQL condition ``where`` (with ``params``), as arrays."""
+        return FaceVectors.from_rows(self.db.execute(f"{_FACE_VECTORS} where {where}", params).fetchall())
 
     def faces_where(self, where: str, params: list) -> list[Face]:
         rows = self.db.execute(
@@ -582,7 +567,7 @@ class Store:
             # "+status": not by the status index (nearly every photo is ok), by the sha256 one
             "select min(path) from photos where sha256=? and +status='ok'", [sha256]
         ).fetchone()
-        return _py_text(row[0]) if row else None
+        return py_text(row[0]) if row else None
 
     # ---- output manifest -----------------------------------------------------------------
     def manifest(self) -> tuple[dict[str, tuple[str, str]], dict[str, str | None]]:
@@ -591,63 +576,27 @@ class Store:
         target; None until it is made)."""
         entries, idents = {}, {}
         for relpath, kind, source, ident in self.db.execute("select relpath, kind, source, ident from output_entries"):
-            relpath = _py_text(relpath)
-            entries[relpath] = (kind, _py_text(source))
+            relpath = py_text(relpath)
+            entries[relpath] = (kind, py_text(source))
             idents[relpath] = ident
         return entries, idents
 
     def manifest_add(self, relpath: str, kind: str, source: str) -> None:
         self.db["output_entries"].upsert(
-            {"relpath": _db_text(relpath), "kind": kind, "source": _db_text(source), "ident": None,
+            {"relpath": db_text(relpath), "kind": kind, "source": db_text(source), "ident": None,
              "created_at": time.time()},
             pk="relpath",
         )
 
     def manifest_set_ident(self, relpath: str, ident: str) -> None:
-        self.db.execute("update output_entries set ident=? where relpath=?", [ident, _db_text(relpath)])
+        self.db.execute("update output_entries set ident=? where relpath=?", [ident, db_text(relpath)])
 
     def manifest_remove(self, relpath: str) -> None:
-        self.db.execute("delete from output_entries where relpath=?", [_db_text(relpath)])
+        self.db.execute("delete from output_entries where relpath=?", [db_text(relpath)])
 
-    # ---- status --------------------------------------------------------------------------
-    def status(self, errors: int = 10) -> dict:
-        q = lambda sql: self.db.execute(sql).fetchone()[0]  # noqa: E731
-        return {
-            "photos": q("select count(*) from photos"),
-            "photos_ok": q("select count(*) from photos where status='ok'"),
-            "photos_with_faces": q("select count(*) from photos p join images i on i.sha256=p.sha256"
-                                   " where i.face_count>0"),
-            "photos_without_faces": q("select count(*) from photos p join images i on i.sha256=p.sha256"
-                                      " where i.face_count=0"),
-            "failed": q("select count(*) from photos where status='failed'"),
-            "faces": q("select count(*) from faces"),
-            # people with a folder: at least one confident face (a group that is all doubtful
-            # so far has an id but no folder)
-            "clusters": q("select count(*) from clusters c where c.hidden = 0 and exists "
-                          "(select 1 from faces f where f.cluster_id = c.id and f.doubtful = 0)"),
-            "named_clusters": q("select count(*) from clusters where name is not null"),
-            "doubtful_faces": q("select count(*) from faces where doubtful=1"),
-            "last_errors": [
-                {"path": _py_text(r[0]), "error": r[1]}
-                for r in self.db.execute(
-                    "select path, error from photos where status='failed' order by updated_at desc, path limit ?",
-                    [errors],
-                )
-            ],
-            "output_errors": json.loads(self.get_meta(OUTPUT_ERRORS) or "[]")[:errors],
-            "corrections": q("select count(*) from corrections where undone=0"),
-            "hidden_people": q("select count(*) from clusters where hidden=1"),
-            "tree_unclear": json.loads(self.get_meta(TREE_UNCLEAR) or "[]")[:errors],
-        }
-
-    def failures(self) -> list[dict]:
-        return [
-            {"path": _py_text(r[0]), "error": r[1]}
-            for r in self.db.execute("select path, error from photos where status='failed' order by path")
-        ]
-
+    # ---- a photo's error, meta ------------------------------------------------------------
     def error_of(self, path: str) -> str | None:
-        row = self.db.execute("select error from photos where path=?", [_db_text(path)]).fetchone()
+        row = self.db.execute("select error from photos where path=?", [db_text(path)]).fetchone()
         return row[0] if row else None
 
     def get_meta(self, key: str) -> str | None:
@@ -661,149 +610,7 @@ class Store:
     def set_meta(self, key: str, value) -> None:
         self.db["meta"].upsert({"key": key, "value": json.dumps(value) if not isinstance(value, str) else value}, pk="key")
 
-    # ---- what the user sees (status, doubtful) --------------------------------------------
-    def duplicate_count(self) -> int:
-        """Photos whose content is also stored under another (earlier) name: identical files."""
-        return self.db.execute(
-            "select count(*) - count(distinct sha256) from photos where status='ok' and sha256 is not null"
-        ).fetchone()[0]
-
-    def people_summary(self) -> list[dict]:
-        """Every person with a folder: id, name (None: cluster_<id>) and how many distinct photos
-        (identical files count once) hold a confident face of them."""
-        return list(self.db.query(
-            "select c.id, c.name, count(distinct f.sha256) as photos from clusters c"
-            " join faces f on f.cluster_id = c.id and f.doubtful = 0"
-            " group by c.id order by c.id"
-        ))
-
-    def doubtful_photos(self) -> list[dict]:
-        """One row per doubtful face: the photo (its first name), face id, reason, nearest person."""
-        return [
-            {"path": _py_text(r[0]), "face": r[1], "reason": r[2], "nearest": r[3], "nearest_name": r[4]}
-            for r in self.db.execute(
-                "select min(p.path), f.id, f.doubt_reason, f.nearest_cluster, c.name from faces f"
-                " join photos p on p.sha256 = f.sha256 and p.status = 'ok'"
-                " left join clusters c on c.id = f.nearest_cluster"
-                " where f.doubtful = 1 group by f.id order by min(p.path), f.idx"
-            )
-        ]
-
-    def photos_without_faces(self) -> list[str]:
-        return [
-            _py_text(r[0])
-            for r in self.db.execute(
-                "select p.path from photos p join images i on i.sha256 = p.sha256"
-                " where p.status = 'ok' and i.face_count = 0 order by p.path"
-            )
-        ]
-
-    # ---- review page (read-only queries) -------------------------------------------------
-    # People are the clusters with at least one confident face and not hidden (the ones with a
-    # folder); doubtful faces of hidden people are in no folder either (output.desired_tree).
-    # (one pass over the faces table, not by the cluster_id index: that reads the same rows in
-    # random order, 0.8 s instead of 0.5 s at 100k faces)
-    _PEOPLE = ("select c.id, c.name, c.representative_face, p.photos, p.faces from clusters c join"
-               " (select cluster_id, count(distinct sha256) as photos, count(*) as faces from faces not indexed"
-               " where doubtful = 0 group by cluster_id) p on p.cluster_id = c.id where c.hidden = 0")
-    _DOUBTFUL = ("doubtful = 1 and (cluster_id is null or cluster_id not in"
-                 " (select id from clusters where hidden = 1))")
-
-    def page_people(self, limit: int = -1, offset: int = 0) -> list[dict]:
-        """People with a folder, the most photos first: id, name, representative_face, photos
-        (distinct photos with a confident face of theirs), faces."""
-        return list(self.db.query(f"{self._PEOPLE} order by p.photos desc, c.id limit ? offset ?", [limit, offset]))
-
-    def page_person(self, cluster_id: int) -> dict | None:
-        """One cluster as :meth:`page_people` shows it (photos and faces 0 when it has no folder)."""
-        row = self.db.execute(
-            "select c.id, c.name, c.representative_face,"
-            " (select count(distinct sha256) from faces where cluster_id = c.id and doubtful = 0),"
-            " (select count(*) from faces where cluster_id = c.id and doubtful = 0), c.hidden"
-            " from clusters c where c.id = ?", [cluster_id]).fetchone()
-        if row is None:
-            return None
-        return dict(zip(("id", "name", "representative_face", "photos", "faces", "hidden"), row))
-
-    def person_names(self) -> list[tuple[int, str | None]]:
-        """(id, name) of every cluster, by id (names to complete in the page's forms)."""
-        return [(r[0], r[1]) for r in self.db.execute("select id, name from clusters order by id")]
-
-    def person_encodings(self, cluster_id: int):
-        """(face ids, encodings n x 128) of the person's confident faces, by id."""
-        faces = FaceVectors.from_rows(self.db.execute(
-            f"{_FACE_VECTORS} where cluster_id = ? and doubtful = 0 order by id", [cluster_id]).fetchall())
-        return faces.ids, faces.encodings
-
-    def doubtful_count(self) -> int:
-        """Doubtful faces in the tree's doubtful/ (not those of hidden people)."""
-        return self.db.execute(f"select count(*) from faces where {self._DOUBTFUL}").fetchone()[0]
-
-    def doubtful_page(self, limit: int, offset: int = 0) -> list[Face]:
-        """Those doubtful faces grouped by their nearest person (none last), by id within a group."""
-        return self.faces_where(
-            f"{self._DOUBTFUL} order by nearest_cluster is null, nearest_cluster, id limit ? offset ?", [limit, offset])
-
-    def paths_for_shas(self, shas: Iterable[str]) -> dict[str, str]:
-        """sha256 -> the first path (in path order) of an ok photo with that content."""
-        out: dict[str, str] = {}
-        shas = list(dict.fromkeys(shas))
-        for start in range(0, len(shas), 500):
-            chunk = shas[start : start + 500]
-            rows = self.db.execute(
-                f"select sha256, min(path) from photos where sha256 in ({','.join('?' * len(chunk))})"
-                " and +status = 'ok' group by sha256", chunk)
-            out.update({sha: _py_text(path) for sha, path in rows})
-        return out
-
-    # ---- corrections (issue 14) ------------------------------------------------------------
-    def add_correction(self, kind: str, source: str, person: int | None = None, other: int | None = None,
-                       name: str | None = None, faces: Iterable[int] = (), before=None) -> int:
-        """Record one correction (and the faces it is about); returns its id."""
-        with self.db.atomic():
-            cur = self.db.execute(
-                "insert into corrections (kind, person, other, name, before, source, created_at, undone, horizon)"
-                " values (?, ?, ?, ?, ?, ?, ?, 0, (select coalesce(max(id), 0) from faces))",
-                [kind, person, other, name, None if before is None else json.dumps(before), source, time.time()])
-            cid = cur.lastrowid
-            faces = [int(f) for f in faces]
-            for start in range(0, len(faces), 500):
-                chunk = faces[start : start + 500]
-                self.db.execute(
-                    "insert into correction_faces (correction, sha256, idx) select ?, sha256, idx from faces"
-                    f" where id in ({','.join('?' * len(chunk))})", [cid, *chunk])
-        return cid
-
-    def corrections(self, include_undone: bool = True) -> list[CorrectionRow]:
-        """Every correction in the order it was made, with its faces as current face ids."""
-        faces: dict[int, list[int]] = {}
-        for corr, fid in self.db.execute(
-            "select cf.correction, f.id from correction_faces cf join faces f"
-            " on f.sha256 = cf.sha256 and f.idx = cf.idx order by cf.correction, f.id"
-        ):
-            faces.setdefault(corr, []).append(fid)
-        where = "" if include_undone else " where undone=0"
-        return [
-            CorrectionRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8]), faces.get(r[0], []), r[9] or 0)
-            for r in self.db.execute(
-                "select id, kind, person, other, name, before, source, created_at, undone, horizon from corrections"
-                f"{where} order by id")
-        ]
-
-    def last_correction(self) -> CorrectionRow | None:
-        """The latest correction not undone yet."""
-        row = self.db.execute("select max(id) from corrections where undone=0").fetchone()
-        if not row or row[0] is None:
-            return None
-        return next(c for c in self.corrections(include_undone=False) if c.id == row[0])
-
-    def mark_undone(self, correction_id: int) -> None:
-        self.db.execute("update corrections set undone=1 where id=?", [correction_id])
-
-    def correction_counts(self) -> dict[str, int]:
-        return {k: n for k, n in self.db.execute(
-            "select kind, count(*) from corrections where undone=0 group by kind")}
-
+    # ---- people (the clusters table) ---------------------------------------------------------
     def new_person(self, name: str | None) -> int:
         """A person the user made (a new folder): a fresh id from the counter, never reused."""
         with self.db.atomic():
@@ -827,40 +634,9 @@ class Store:
     def hidden_people(self) -> set[int]:
         return {r[0] for r in self.db.execute("select id from clusters where hidden=1")}
 
-    def auto_assignments(self) -> dict[int, FaceClustering]:
-        """The people layer's own decision for faces a correction overrode."""
-        return {r[0]: FaceClustering(r[1], bool(r[2]), r[3], r[4]) for r in self.db.execute(
-            "select face, cluster_id, doubtful, doubt_reason, nearest_cluster from auto_assign")}
-
-    def raw_assignments(self) -> dict[int, FaceClustering]:
-        """Like :meth:`saved_assignments`, but the people layer's own decisions (before corrections)."""
-        out = self.saved_assignments()
-        out.update({f: a for f, a in self.auto_assignments().items() if f in out})
-        return out
-
-    def save_corrected(self, auto: dict[int, tuple | None]) -> None:
-        """Record (tuple) or clear (None) the people layer's own decision of overridden faces."""
-        with self.db.atomic():
-            self.db.conn.executemany("delete from auto_assign where face=?",
-                                     [(f,) for f, a in auto.items() if a is None])
-            self.db.conn.executemany(
-                "insert or replace into auto_assign (face, cluster_id, doubtful, doubt_reason, nearest_cluster)"
-                " values (?, ?, ?, ?, ?)",
-                [(f, a[0], int(a[1]), a[2], a[3]) for f, a in auto.items() if a is not None])
-
-    def face_quality(self, ids: Iterable[int]) -> dict[int, tuple[float, float]]:
-        """face id -> (sharpness, size)."""
-        ids = list(ids)
-        out = {}
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            out.update({r[0]: (r[1], r[2]) for r in self.db.execute(
-                f"select id, sharpness, size from faces where id in ({','.join('?' * len(chunk))})", chunk)})
-        return out
-
     def faces_of_photo(self, path: str) -> list[Face]:
         """The faces of the photo at ``path`` (in their order in the photo)."""
-        row = self.db.execute("select sha256 from photos where path=?", [_db_text(path)]).fetchone()
+        row = self.db.execute("select sha256 from photos where path=?", [db_text(path)]).fetchone()
         if not row or row[0] is None:
             return []
         return self.faces_where("sha256=? order by idx", [row[0]])

@@ -42,7 +42,7 @@ from PIL import Image
 
 from .corrections import CorrectionError, Corrections
 from .ingest import IngestError, open_regular
-from .output import DOUBTFUL, REPRESENTATIVE, _ident, folder_name, validate_person_name
+from .output import DOUBTFUL, REPRESENTATIVE, entry_ident, folder_name, validate_person_name
 from .store import TREE_UNCLEAR, Store
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def _walk(output: Path, tops: Iterable[str] | None) -> dict[str, str]:
                     continue
                 p = Path(dirpath) / name
                 try:
-                    found[p.relative_to(output).as_posix()] = _ident(p)
+                    found[p.relative_to(output).as_posix()] = entry_ident(p)
                 except OSError:
                     pass
     return found

@@ -25,6 +25,7 @@ from organizer.evaluate import (bcubed_scores, labels_by_path, pairwise_scores, 
 from organizer.methods import ALGORITHMS, cluster_labels, kmeans_curve
 from organizer.pipeline import Organizer
 from organizer.store import Store
+from organizer.store_review import ReviewQueries
 
 from .conftest import DEV, run_organizer
 
@@ -266,7 +267,7 @@ def test_report_holds_the_plots_and_counts(report_html, dev_library):
         assert title in html, title
     assert "http://" not in html and "https://" not in html and "<script" not in html  # self-contained
     with Store.open_readonly(dev_library.db) as store:
-        st = store.status()
+        st = ReviewQueries(store).status()
     counts = dict(re.findall(r"<tr><th>([^<]+)</th><td>([^<]+)</td></tr>", html))
     assert int(counts["people (folders)"]) == st["clusters"] and int(counts["faces"]) == st["faces"]
     assert int(counts["doubtful faces"]) == st["doubtful_faces"]

@@ -8,6 +8,7 @@ import numpy as np
 
 from organizer.encode import FaceRecord, PhotoResult
 from organizer.store import PhotoFile, Store
+from organizer.store_review import ReviewQueries
 
 
 def _photo(path: str, n: int, seed: int) -> PhotoResult:
@@ -67,6 +68,6 @@ def test_paths_round_trip_and_are_looked_up_by_key(tmp_path):
         assert set(every) == set(paths)
         assert store.photo_states([odd, "/p/a.jpg", "/p/missing.jpg"]) == {p: every[p] for p in (odd, "/p/a.jpg")}
         assert store.error_of(odd) == "reason 1"
-        assert [e["path"] for e in store.failures()] == sorted(paths, key=lambda p: (p == odd, p))
+        assert [e["path"] for e in ReviewQueries(store).failures()] == sorted(paths, key=lambda p: (p == odd, p))
         store.remove_photos([odd])
         assert set(store.photo_states()) == set(paths) - {odd}

@@ -21,6 +21,7 @@ from organizer.config import load_config
 from organizer.montage import MONTAGE
 from organizer.output import face_crop
 from organizer.store import Store
+from organizer.store_review import ReviewQueries
 from organizer.web import app as webapp
 from organizer.web import create_app
 from organizer.web.security import COOKIE, Secrets
@@ -104,7 +105,7 @@ def test_person_page_shows_the_folder_farthest_face_first(lib, user):
     assert len(dists) == len(faces) and dists == sorted(dists, reverse=True)
     # the first face is the one farthest from the mean of the person's encodings
     with _store(lib) as store:
-        ids, enc = store.person_encodings(cid)
+        ids, enc = ReviewQueries(store).person_encodings(cid)
     far = ids[np.argmax(np.linalg.norm(enc - enc.mean(axis=0), axis=1))]
     assert next(iter(faces)) == far
 

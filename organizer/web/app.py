@@ -2,9 +2,10 @@
 and the actions (each one correction of :mod:`organizer.corrections`, made with source "page").
 
 Pages are rendered on the server (Jinja2); the browser needs no build step and runs a few lines
-of plain JavaScript (static/app.js) at most. Reads go through the store's public query methods on
-a read-only connection; every change goes through the same Python API as the CLI, in a short
-write of its own (see :meth:`Review.edit`), so the page and a running service share one store.
+of plain JavaScript (static/app.js) at most. Reads go through the store's review queries
+(store_review.py) on a read-only connection; every change goes through the same Python API as
+the CLI, in a short write of its own (see :meth:`Review.edit`), so the page and a running
+service share one store.
 
 Every value a request carries is parsed strictly: ids are integers looked up in the store
 (images are served by face id only, never by a path from the request), pages are positive
@@ -38,6 +39,7 @@ from ..corrections import CorrectionError, Corrections, describe, record
 from ..ingest import IngestError, open_upright
 from ..output import face_crop, folder_name
 from ..store import Face, Store, StoreError
+from ..store_review import ReviewQueries
 from .security import LOGIN, Guard, Secrets, give_cookie, same
 
 log = logging.getLogger(__name__)
@@ -128,6 +130,10 @@ class Review:
             store = self._local.store = Store.open_readonly(self.db_path)
         return store
 
+    def queries(self) -> ReviewQueries:
+        """The review queries over this thread's read-only handle."""
+        return ReviewQueries(self.store())
+
     def people(self) -> list[dict]:
         """Every person of the People grid. Counting them reads every face (0.5 s at 100k), so
         the list is kept until the store changes: this connection's data_version moves whenever
@@ -136,7 +142,7 @@ class Review:
         version = store.data_version()
         cached = getattr(self._local, "people", None)
         if cached is None or cached[0] != version:
-            cached = self._local.people = (version, store.page_people())
+            cached = self._local.people = (version, ReviewQueries(store).page_people())
         return cached[1]
 
     def edit(self, change: Callable[[Corrections], str]) -> str:
@@ -156,9 +162,9 @@ class Review:
         return self.templates.TemplateResponse(
             request, name, {"csrf": self.keys.csrf, "flash": flash, "back": _here(request), **context})
 
-    def names(self, store: Store) -> dict[int, str]:
+    def names(self, queries: ReviewQueries) -> dict[int, str]:
         """Every cluster id -> what the page calls it (its name, or its folder's cluster_N)."""
-        return {cid: name or folder_name(cid, None) for cid, name in store.person_names()}
+        return {cid: name or folder_name(cid, None) for cid, name in queries.person_names()}
 
     # ---- pages ---------------------------------------------------------------------------
     async def people_page(self, request: Request) -> Response:
@@ -170,37 +176,39 @@ class Review:
             raise HTTPException(404, "no such page")
         shown = people[(page - 1) * PEOPLE_PER_PAGE : page * PEOPLE_PER_PAGE]
         return self.render(request, "people.html", people=shown, total=len(people), page=page, pages=pages,
-                           doubtful=store.doubtful_count(), hidden_people=Corrections(store).people(hidden=True))
+                           doubtful=self.queries().doubtful_count(),
+                           hidden_people=Corrections(store).people(hidden=True))
 
     async def person_page(self, request: Request) -> Response:
         cid = request.path_params["cid"]
         page = _page(request)
         store = self.store()
-        person = store.page_person(cid)
+        queries = ReviewQueries(store)
+        person = queries.page_person(cid)
         if person is None:
             raise HTTPException(404, "no such person")
-        ordered = by_distance(*store.person_encodings(cid))
+        ordered = by_distance(*queries.person_encodings(cid))
         pages = max(1, -(-len(ordered) // FACES_PER_PAGE))
         if page > pages:
             raise HTTPException(404, "no such page")
         shown = ordered[(page - 1) * FACES_PER_PAGE : page * FACES_PER_PAGE]
         faces = [(store.face(fid), dist) for fid, dist in shown]
-        paths = store.paths_for_shas(f.sha256 for f, _ in faces)
-        names = self.names(store)
+        paths = queries.paths_for_shas(f.sha256 for f, _ in faces)
+        names = self.names(queries)
         return self.render(request, "person.html", person=person, title=names[cid], faces=faces,
                            photo_names={f.id: Path(paths.get(f.sha256, "?")).name for f, _ in faces},
                            names=names, page=page, pages=pages)
 
     async def doubtful_page(self, request: Request) -> Response:
         page = _page(request)
-        store = self.store()
-        total = store.doubtful_count()
+        queries = self.queries()
+        total = queries.doubtful_count()
         pages = max(1, -(-total // DOUBTFUL_PER_PAGE))
         if page > pages:
             raise HTTPException(404, "no such page")
-        faces = store.doubtful_page(DOUBTFUL_PER_PAGE, (page - 1) * DOUBTFUL_PER_PAGE)
-        paths = store.paths_for_shas(f.sha256 for f in faces)
-        names = self.names(store)
+        faces = queries.doubtful_page(DOUBTFUL_PER_PAGE, (page - 1) * DOUBTFUL_PER_PAGE)
+        paths = queries.paths_for_shas(f.sha256 for f in faces)
+        names = self.names(queries)
         groups: list[tuple[int | None, list[Face]]] = []
         for f in faces:
             near = f.nearest_cluster if f.nearest_cluster in names else None
@@ -261,7 +269,7 @@ class Review:
 
     # ---- actions (each one correction of organizer.corrections) --------------------------
     def _person(self, request: Request) -> dict:
-        person = self.store().page_person(request.path_params["cid"])
+        person = self.queries().page_person(request.path_params["cid"])
         if person is None:
             raise HTTPException(404, "no such person")
         return person
