@@ -457,9 +457,9 @@ class _Joined(NamedTuple):
 class _SelfJoin:
     """DBSCAN of a fixed point set in one pass over the upper triangle of its distance matrix.
 
-    Written by hand: scikit-learn's DBSCAN lists every neighbour of every point (5.8 GB and two
-    minutes at 100k faces, where one person may have thousands of faces within eps of each
-    other), and its border rule depends on the input order (see the module docstring).
+    Written by hand: scikit-learn's DBSCAN lists every neighbour of every point (gigabytes at
+    library size, where one person may have thousands of faces within eps of each other), and its
+    border rule depends on the input order (see the module docstring).
 
     Rows are taken ``block`` at a time against themselves and every later row: one float32 matrix
     product per block, with the pairs near the eps boundary re-checked in float64. When a block is
