@@ -97,14 +97,15 @@ class KnownPeople:
             self._logged.add(key)
             log.warning(msg, *args)
 
-    def _photos(self) -> list[tuple[str, Path]]:
-        """(person name, photo) for every reference photo: <known>/<name>/**/<photo>."""
+    def _photos(self) -> list[tuple[str, Path]] | None:
+        """(person name, photo) for every reference photo: <known>/<name>/**/<photo>; None when
+        the folder cannot be listed (a disk not mounted: the known people stay as they are)."""
         try:
             tops = sorted(self.folder.iterdir())
         except OSError as exc:
-            self._warn_once("folder", "known people: cannot read %s (%s); no reference photos", self.folder,
-                            exc.strerror or exc)
-            return []
+            self._warn_once("folder", "known people: cannot read %s (%s); the known people stay as they were",
+                            self.folder, exc.strerror or exc)
+            return None
         out = []
         for top in tops:
             if top.name.startswith("."):
@@ -132,9 +133,13 @@ class KnownPeople:
             self._warn_once(str(path), "known people: cannot read %s (%s)", path, exc)
             return None
 
-    def references(self) -> References:
-        """Read the reference folder; photos not seen before are encoded (and cached)."""
-        photos = [(name, path, sha) for name, path in self._photos() if (sha := self._hash(path))]
+    def references(self) -> References | None:
+        """Read the reference folder (None: it cannot be listed); photos not seen before are
+        encoded (and cached)."""
+        listed = self._photos()
+        if listed is None:
+            return None
+        photos = [(name, path, sha) for name, path in listed if (sha := self._hash(path))]
         missing = {sha: path for _, path, sha in photos if self.cache.get(sha, self.encoder_id) is None}
         if missing:
             log.info("known people: encoding %d reference photo(s)", len(missing))
@@ -167,8 +172,10 @@ class KnownPeople:
         if self.folder is None:
             return False
         if self._refs is None or rescan:
-            self._refs = self.references()
+            self._refs = self.references() or self._refs
         refs = self._refs
+        if refs is None:
+            return False
         state = json.loads(self.store.get_meta(STATE) or "{}")
         full = state.get("fingerprint") != refs.fingerprint
         top = self.store.max_face_id()

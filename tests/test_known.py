@@ -133,3 +133,14 @@ def test_the_vote_needs_the_nearest_reference_faces_to_agree():
     # one of three near enough is not a majority (a look-alike near one reference photo); with k=1 it is
     assert vote(refs, names, np.array([[0.25, 0.0]]), k=3, tolerance=0.2) == [None]
     assert vote(refs, names, np.array([[0.25, 0.0]]), k=1, tolerance=0.2) == ["A"]
+
+
+def test_a_known_folder_that_cannot_be_read_keeps_the_known_people(known_lib, tmp_path):
+    """An unmounted reference folder is not an empty one: nothing is re-labelled."""
+    watch, output, known, _ = known_lib
+    before = json.loads(run_organizer("corrections", "--json", "--output", str(output)).stdout)
+    folders = tree(output, watch)
+    proc = run_organizer("scan", "--watch", str(watch), "--output", str(output), "--known", str(tmp_path / "gone"))
+    assert "the known people stay as they were" in proc.stderr
+    assert json.loads(run_organizer("corrections", "--json", "--output", str(output)).stdout) == before
+    assert tree(output, watch) == folders
