@@ -184,9 +184,12 @@ def worker_resume(n: int, n_photos: int, workdir: str) -> dict:
     return _updates(eng, people, centers, n, n_photos, next_id, {"start_s": start_s})
 
 
-def worker_corrected(n: int, n_photos: int, workdir: str) -> dict:
+def worker_corrected(n: int, n_photos: int, workdir: str, pin_sources: bool = True) -> dict:
     """As ``engine``, with 1% of the faces corrected (assigned to another person) and 0.2%
-    rejected from theirs: the corrections step (constraints.py) after every update."""
+    rejected from theirs: the corrections step (constraints.py) after every update.
+    ``pin_sources``: as the user's corrections do, the person each face came from is named in
+    its correction (pinned); without, the faces were named in groups no correction is about (the
+    known-people vote can do that), the costlier case for the people layer."""
     from organizer.cluster import People, average_linkage_split
     from organizer.constraints import Constraints, Rules
     from organizer.incremental_dbscan import load_state
@@ -205,7 +208,10 @@ def worker_corrected(n: int, n_photos: int, workdir: str) -> dict:
     for f in rng.choice(placed, max(1, len(people.assign) // 500), replace=False).tolist():
         if f not in rules.anchor:
             rules.rejected[f] = {people.assign[f].cluster_id}
+    # as the store records them: an assignment names the person the face came from too (pinned)
     rules.pinned = set(rules.anchor.values())
+    if pin_sources:
+        rules.pinned |= {people.assign[f].cluster_id for f in rules.anchor}
     constraints = Constraints(None, rules)
     t = time.perf_counter()
     constraints.apply(res, people, eng.vectors, lambda f: 0.0, full=True)
@@ -277,6 +283,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1000,10000,100000")
     ap.add_argument("--photos", type=int, default=200)
+    ap.add_argument("--corrections-only", action="store_true",
+                    help="only the cost of corrections: engine + people with and without 1%% of faces corrected")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", default="", help=argparse.SUPPRESS)
@@ -288,10 +296,15 @@ def main() -> None:
               "engine-norefine": lambda: worker_engine(args.n, args.photos, args.workdir, refine=False),
               "resume": lambda: worker_resume(args.n, args.photos, args.workdir),
               "corrected": lambda: worker_corrected(args.n, args.photos, args.workdir),
+              "corrected-unpinned": lambda: worker_corrected(args.n, args.photos, args.workdir, pin_sources=False),
               "incdbscan": lambda: worker_incdbscan(args.n, args.photos)}[args.worker]
         print(json.dumps(fn()))
         return
 
+    if args.corrections_only:
+        for n in [int(s) for s in args.sizes.split(",")]:
+            corrections_only(n, args.photos)
+        return
     ratio_100k = float("nan")
     rows = []
     for n in [int(s) for s in args.sizes.split(",")]:
@@ -359,6 +372,31 @@ def main() -> None:
     for n, b, e, m, p, r, start, rss, rss0 in rows:
         print(f"| {n:,} | {b:.2f} | {e:.2f} | {m:.2f} | {p:.2f} | {r:.0f}x | {start:.2f} | {rss:.0f} | {rss0:.0f} |")
     print(f"ratio_100k={ratio_100k:.0f}")
+
+
+def corrections_only(n: int, n_photos: int) -> None:
+    """The corrections' cost alone: the same photos added with and without 1% of the faces
+    corrected, both measured in this run (the ratio is what to compare across runs)."""
+    print(f"\n== N = {n:,} faces: corrections' cost ({n_photos} photos) ==", flush=True)
+    with tempfile.TemporaryDirectory() as workdir:
+        prep = run_worker("prepare", n, n_photos, timeout=7200, workdir=workdir)
+        print(f"  prepare: {prep}", flush=True)
+        eng = run_worker("engine", n, n_photos, timeout=7200, workdir=workdir)
+        corrected = run_worker("corrected", n, n_photos, timeout=7200, workdir=workdir)
+        unpinned = run_worker("corrected-unpinned", n, n_photos, timeout=7200, workdir=workdir)
+    if "error" in eng:
+        print(f"  engine: {eng}")
+        return
+    print(f"  engine + people, per photo:     median {eng['update_median_ms']:7.2f} ms   p95 {eng['update_p95_ms']:7.2f} ms"
+          f"   (people derived from scratch {eng['derive_s']:.1f} s)")
+    for label, c in (("1% of faces corrected", corrected), ("same, sources not pinned", unpinned)):
+        if "error" in c:
+            print(f"  {label + ':':<31} {c['error']}")
+            continue
+        print(f"  {label + ':':<31} median {c['update_median_ms']:7.2f} ms   p95 {c['update_p95_ms']:7.2f} ms   "
+              f"({c['corrected']} corrections; applying all of them from scratch {c['apply_full_s']:.2f} s)")
+        print(f"  {'  / uncorrected:':<31} median {c['update_median_ms'] / eng['update_median_ms']:.2f}x   "
+              f"p95 {c['update_p95_ms'] / eng['update_p95_ms']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -30,9 +30,11 @@ def common_options(fn):
     @click.option("--watch", type=click.Path(file_okay=False, path_type=Path), help="Folder of photos to watch.")
     @click.option("--output", type=click.Path(file_okay=False, path_type=Path), help="Folder for the person folders.")
     @click.option("--db", type=click.Path(dir_okay=False, path_type=Path), help="SQLite store (default <output>/.organizer/organizer.db).")
+    @click.option("--known", type=click.Path(file_okay=False, path_type=Path),
+                  help="Reference photos of known people, one sub-folder per person (paths.known).")
     @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False), help="Log verbosity.")
     @functools.wraps(fn)
-    def wrapper(config_path, watch, output, db, log_level, **kwargs):
+    def wrapper(config_path, watch, output, db, known, log_level, **kwargs):
         try:
             settings = load_config(
                 config_path,
@@ -40,6 +42,7 @@ def common_options(fn):
                     "paths.watch": str(watch) if watch else None,
                     "paths.output": str(output) if output else None,
                     "paths.db": str(db) if db else None,
+                    "paths.known": str(known) if known else None,
                     "service.log_level": log_level.upper() if log_level else None,
                 },
             )
@@ -572,7 +575,7 @@ def config_check(settings: Settings):
         if settings.paths.output is None:
             settings.paths.output = settings.db_path.parent  # only to place the layout check
         layout = Layout.of(settings)
-        for what, p in (("watch", layout.watch), ("output", layout.output), ("db", layout.db)):
+        for what, p in (("watch", layout.watch), ("output", layout.output), ("db", layout.db), ("known", layout.known)):
             if p is not None:
                 state = "exists" if p.exists() else "does not exist yet"
                 if what == "watch" and not p.exists():

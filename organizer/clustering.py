@@ -59,7 +59,7 @@ class Clustering:
 
     def fingerprint(self) -> str:
         """Settings that shape the clustering: a saved clustering made with others is redone."""
-        return "clean:" + json.dumps([self.cfg.model_dump(), self.min_size, self.min_sharpness, self.encoder],
+        return "clean:" + json.dumps([self.cfg.shape(), self.min_size, self.min_sharpness, self.encoder],
                                      sort_keys=True)
 
     def save(self) -> None:

@@ -32,6 +32,7 @@ class PathsConfig(_Section):
     watch: Path | None = Field(None, description="folder to watch for photos")
     output: Path | None = Field(None, description="folder where person folders are written")
     db: Path | None = Field(None, description="SQLite store; default <output>/.organizer/organizer.db")
+    known: Path | None = Field(None, description="reference photos, one sub-folder per known person (optional)")
 
 
 class DetectionConfig(_Section):
@@ -58,6 +59,13 @@ class ClusteringConfig(_Section):
     min_samples: int = Field(3, ge=1)
     doubt_margin: float = Field(0.035, ge=0, lt=2)
     linkage_threshold: float = Field(0.38, ge=0, lt=2, description="average-linkage split of DBSCAN clusters; 0 = off")
+    known_k: int = Field(1, ge=1, le=50, description="known people: reference faces that vote on each face")
+    known_tolerance: float = Field(
+        0.34, gt=0, lt=2, description="known people: a reference face farther than this from a face has no vote")
+
+    def shape(self) -> dict:
+        """The settings that shape the clusters (the known-people vote only makes corrections)."""
+        return self.model_dump(exclude={"known_k", "known_tolerance"})
 
 
 class ServiceConfig(_Section):
@@ -189,7 +197,7 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
             raise ConfigError([f"cannot read config file: {exc}"], source) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([f"not valid TOML: {exc}"], source) from None
-        _resolve_paths(data, Path(os.path.abspath(path)).parent, ("watch", "output", "db"), source)
+        _resolve_paths(data, Path(os.path.abspath(path)).parent, ("watch", "output", "db", "known"), source)
     flags = {k: v for k, v in (overrides or {}).items() if v is not None}
     for dotted, value in flags.items():
         if value is None:

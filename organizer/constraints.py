@@ -50,6 +50,7 @@ class Rules:
     merged: dict[int, int] = field(default_factory=dict)  # person -> person it was merged into
     pinned: set[int] = field(default_factory=set)  # persons a correction refers to: never deleted
     names: dict[int, str] = field(default_factory=dict)
+    seeds: set[int] = field(default_factory=set)  # anchored faces whose anchor is the known-people vote
 
     @classmethod
     def from_store(cls, store: Store) -> "Rules":
@@ -64,9 +65,11 @@ class Rules:
                     r.anchor[f] = c.person
                     r.horizon[f] = c.horizon
                     r.rejected.get(f, set()).discard(c.person)
+                    (r.seeds.add if c.source == "known" else r.seeds.discard)(f)
             elif c.kind == "reject":
                 for f in c.faces:
                     r.rejected.setdefault(f, set()).add(c.person)
+                    r.seeds.discard(f)
                     if r.anchor.get(f) == c.person:
                         del r.anchor[f]
             elif c.kind == "merge":
@@ -95,7 +98,7 @@ class Rules:
 
     def key(self) -> tuple:
         return (sorted(self.anchor.items()), sorted((f, sorted(p)) for f, p in self.rejected.items()),
-                sorted(self.merged.items()), sorted(self.horizon.items()))
+                sorted(self.merged.items()), sorted(self.horizon.items()), sorted(self.seeds))
 
 
 Vecs = Callable[[list[int]], np.ndarray]
@@ -117,6 +120,24 @@ def _nearest_rows(a: np.ndarray, b: np.ndarray, exclude: np.ndarray | None = Non
     return out
 
 
+@dataclass
+class _Group:
+    """One raw group's context for its faces' decisions (see :meth:`Constraints._group`)."""
+
+    own: int | None  # the person the group stands for (after merges)
+    anchored: dict[int, int]  # its anchored faces -> their person
+    free: np.ndarray  # its other faces, sorted
+    seeded: int | None  # the known person the whole group is (Constraints._seeded_as)
+    candidates: dict[int | None, list[int]] = field(default_factory=dict)  # person -> anchored faces
+    own_pinned: bool = False
+    horizon: dict[int | None, int] = field(default_factory=dict)
+    stand: np.ndarray | None = None  # free faces standing for its own person; None: no choice to make
+
+    def key(self) -> tuple:
+        return (self.own, tuple(self.anchored.items()), self.seeded,
+                None if self.stand is None else self.stand.tobytes())
+
+
 class Constraints:
     """Turns the people layer's decisions into the final ones (see the module docstring).
 
@@ -130,6 +151,8 @@ class Constraints:
         self.final: dict[int, int | None] = {}
         self.members: dict[int, set[int]] = {}
         self.overridden: set[int] = set()  # faces whose final decision differs from the raw one
+        self._contexts: dict[int, tuple] = {}  # raw group -> the key of the context it was decided in
+        self._doubt: dict[int, bool] = {}  # overridden face -> whether its final decision is doubtful
         self._loaded = False
 
     def load(self, final: dict[int, int | None], overridden: Iterable[int]) -> None:
@@ -153,54 +176,70 @@ class Constraints:
             self.members.setdefault(p, set()).add(f)
 
     # ---- the rules, for one group of the people layer ------------------------------------
-    def _decide_group(self, c: int | None, faces: list[int], raw: dict[int, FaceAssignment],
-                      vecs: Vecs) -> dict[int, FaceAssignment]:
-        """Final decisions for the faces of one raw group ``c`` (None: faces no group holds)."""
+    def _group(self, c: int | None, faces: list[int]) -> "_Group":
+        """What the decisions in raw group ``c`` (its sorted ``faces``) depend on besides each face."""
         r = self.rules
         own = r.resolve(c) if c is not None else None
-        anchored = {f: r.resolve(r.anchor[f]) for f in faces if f in r.anchor}
+        anchored = {f: r.resolve(r.anchor[f]) for f in sorted(r.anchor.keys() & set(faces))}
+        free = np.asarray([f for f in faces if f not in anchored], dtype=np.int64)
+        g = _Group(own, anchored, free, self._seeded_as(c, own, anchored, len(faces)))
         others = {p for p in anchored.values() if p != own}
-        free = [f for f in faces if f not in anchored]
-        person: dict[int, int | None] = {f: own for f in free}
-        if c is not None and others and free:
+        if g.seeded is None and c is not None and others and len(free):
             # a merged group the user told apart: each free face goes to its nearest person
-            candidates: dict[int | None, list[int]] = {}
             for f, p in anchored.items():
-                candidates.setdefault(p, []).append(f)
-            own_pinned = own in r.pinned or own in candidates
-            free_arr = np.asarray(free)
-            movers = free_arr
-            if own_pinned:  # the group's own person keeps its faces as the algorithm placed them
-                candidates.setdefault(own, [])
+                g.candidates.setdefault(p, []).append(f)
+            g.own_pinned = own in r.pinned or own in g.candidates
+            if g.own_pinned:  # the group's own person keeps its faces as the algorithm placed them
+                g.candidates.setdefault(own, [])
                 # faces that were there when the user corrected another person here stay where the
                 # user left them; only faces that arrived later may follow the corrected ones
-                horizon = {p: min(r.horizon.get(f, 0) for f in reps) for p, reps in candidates.items() if p != own}
-                movers = free_arr[free_arr > min(horizon.values())]
+                g.horizon = {p: min(r.horizon.get(f, 0) for f in reps) for p, reps in g.candidates.items() if p != own}
+            # the other free faces stand for the group's own person too: a sample of them in a big
+            # group (the refinement's: a function of the member set, so an update and a recluster
+            # agree), so a group costs O(size), not O(size^2)
+            g.stand = free[refinement_sample(free, REFINE_SAMPLE)]
+        return g
+
+    def _decide_group(self, c: int | None, faces: list[int], raw: dict[int, FaceAssignment],
+                      vecs: Vecs, g: "_Group | None" = None,
+                      only: list[int] | None = None) -> dict[int, FaceAssignment]:
+        """Final decisions for the faces of one raw group ``c`` (None: faces no group holds), or
+        only for the faces ``only`` of it (the others' decisions stand: their context ``g`` did not
+        change)."""
+        r = self.rules
+        g = g or self._group(c, faces)
+        own, anchored = g.own, g.anchored
+        todo = faces if only is None else only
+        person: dict[int, int | None] = {f: own if g.seeded is None else g.seeded for f in todo if f not in anchored}
+        if g.stand is not None:
+            movers = g.free if only is None else np.asarray([f for f in only if f not in anchored], dtype=np.int64)
+            if g.own_pinned:
+                movers = movers[movers > min(g.horizon.values())]
             if len(movers):
                 mv = vecs(movers.tolist())
                 best = np.full(len(movers), np.inf)
                 choice = np.full(len(movers), -1, dtype=np.int64)
-                for p in sorted(candidates, key=lambda x: (x is None, x)):
-                    reps = candidates[p]
+                for p in sorted(g.candidates, key=lambda x: (x is None, x)):
+                    reps = g.candidates[p]
                     d = _nearest_rows(mv, vecs(reps)) if reps else np.full(len(movers), np.inf)
-                    if own_pinned and p != own:
-                        d[movers <= horizon[p]] = np.inf
+                    if g.own_pinned and p != own:
+                        d[movers <= g.horizon[p]] = np.inf
                     if p == own:
-                        # ... and the other free faces (not the face itself) stand for it too
-                        d = np.minimum(d, _nearest_rows(mv, vecs(free), exclude=movers[:, None] == free_arr[None, :]))
+                        d = np.minimum(d, _nearest_rows(mv, vecs(g.stand.tolist()),
+                                                        exclude=movers[:, None] == g.stand[None, :]))
                     better = d < best
                     best[better], choice[better] = d[better], p
                 for i, f in enumerate(movers.tolist()):
                     person[f] = int(choice[i]) if choice[i] >= 0 else own
         out = {}
-        for f in faces:
+        for f in todo:
             a = raw[f]
             if f in anchored:
                 out[f] = FaceAssignment(anchored[f], False, None, anchored[f])
                 continue
             p = person[f]
             near = r.resolve(a.nearest_cluster)
-            if p is not None and p in {r.resolve(x) for x in r.rejected.get(f, ())}:
+            if p is not None and f in r.rejected and p in {r.resolve(x) for x in r.rejected[f]}:
                 out[f] = FaceAssignment(None, True, REASON_REMOVED.format(r.label(p)), p)
             elif p is None:
                 out[f] = FaceAssignment(None, a.doubtful, a.reason, near)
@@ -209,6 +248,19 @@ class Constraints:
             else:
                 out[f] = FaceAssignment(p, a.doubtful, a.reason, p)
         return out
+
+    def _seeded_as(self, c: int | None, own: int | None, anchored: dict[int, int], size: int) -> int | None:
+        """The known person a raw group is, if it is one: more than half of its faces were named
+        so by the known-people vote (and nothing else), and its own person is nobody the user
+        named or corrected. Then its other faces follow (the vote is strict: a few faces of a
+        known person miss it, and the clustering found them with the others); else None."""
+        r = self.rules
+        if c is None or own in r.pinned or own in r.names or 2 * len(anchored) <= size:
+            return None
+        people = set(anchored.values())
+        if len(people) != 1 or not set(anchored) <= r.seeds:
+            return None
+        return people.pop()
 
     def _constrained_groups(self, cid: dict[int, int | None]) -> set[int | None]:
         """Raw groups a correction is about (None: faces no group holds)."""
@@ -226,7 +278,10 @@ class Constraints:
         everything. An update costs the size of the groups it touches, not of all faces."""
         raw_of = people.assign
         cid = people.cid
-        if full or not self._loaded:
+        fresh = full or not self._loaded
+        forced = set(groups)
+        if fresh:
+            self._contexts, self._doubt = {}, {}
             self.final, self.members, old_over = {}, {}, set(self.overridden)
             self.overridden = set()
             touched_groups = set(people.members) | {None}
@@ -245,8 +300,15 @@ class Constraints:
                 faces = [f for f in changed_faces if cid.get(f) is None and f in raw_of]
                 faces += [f for f in self.rules.faces() if cid.get(f, 0) is None and f in raw_of]
                 faces = sorted(set(faces) | {f for f in self.overridden if cid.get(f, 0) is None and f in raw_of})
-            elif g in constrained or any(f in self.overridden for f in people.members.get(g, ())):
+            elif g in constrained or not self.overridden.isdisjoint(people.members.get(g, ())):
                 faces = sorted(people.members.get(g, ()))
+                ctx = self._group(g, faces)
+                # the faces whose decision may have changed: all of them when the group's context
+                # did (its person, anchors, sample) or a correction was made; else the changed ones
+                same = not fresh and g not in forced and self._contexts.get(g) == ctx.key()
+                self._contexts[g] = ctx.key()
+                only = sorted(f for f in changed_faces if cid.get(f) == g) if same else None
+                decided = self._decide_group(g, faces, raw_of, vecs, ctx, only)
             else:  # untouched by corrections: the raw decisions stand
                 faces = sorted(f for f in people.members.get(g, ()) if f in changed_faces)
                 for f in faces:
@@ -254,14 +316,17 @@ class Constraints:
                     persons_touched |= {self.final.get(f), g}
                     self._set(f, g)
                 continue
-            decided = self._decide_group(g, faces, raw_of, vecs)
+            if g is None:
+                decided = self._decide_group(g, faces, raw_of, vecs)
             for f, a in decided.items():
                 rw = raw_of[f]
                 if a != rw:
                     self.overridden.add(f)
+                    self._doubt[f] = a.doubtful
                     auto[f] = (rw.cluster_id, rw.doubtful, rw.reason, rw.nearest_cluster)
                 elif f in self.overridden or f in old_over:
                     self.overridden.discard(f)
+                    self._doubt.pop(f, None)
                     auto[f] = None
                 if full or f in changed_faces or a != rw or f in auto:
                     out.assignments[f] = a
@@ -273,6 +338,7 @@ class Constraints:
             self._set(f, None)
             if f in self.overridden:
                 self.overridden.discard(f)
+                self._doubt.pop(f, None)
                 auto[f] = None
         persons_touched |= set(result.clusters) | set(result.removed)
         persons_touched.discard(None)
@@ -290,13 +356,16 @@ class Constraints:
                 continue
             ids = np.sort(np.fromiter(members, np.int64, len(members)))
             sample = ids[refinement_sample(ids, REFINE_SAMPLE)].tolist()
-            confident = [f for f in sample if f in out.assignments and not out.assignments[f].doubtful
-                         or f not in out.assignments and not raw_of[f].doubtful] or sample
+            confident = [f for f in sample if not self._final_doubtful(f, out, raw_of)] or sample
             out.clusters[p] = (len(members), representative(confident, vecs, quality))
         if full:
             for p in self.rules.pinned | set(self.rules.names):
                 out.clusters.setdefault(p, (0, None))
         return out, auto
+
+    def _final_doubtful(self, f: int, out: ClusterResult, raw_of: dict[int, FaceAssignment]) -> bool:
+        a = out.assignments.get(f)
+        return a.doubtful if a is not None else self._doubt.get(f, raw_of[f].doubtful)
 
     def reload_rules(self, cid: dict[int, int | None]) -> set[int | None] | None:
         """Re-read the corrections; the raw groups whose decisions may change (None: no change)."""

@@ -41,17 +41,20 @@ class WatchState(enum.Enum):
 @dataclass(frozen=True)
 class Layout:
     """Absolute paths of the watched folder (None for commands that do not read it), the output
-    folder and the store."""
+    folder, the store and the known people's reference photos (None: none)."""
 
     watch: Path | None
     output: Path
     db: Path
+    known: Path | None = None
 
     @classmethod
     def of(cls, settings) -> "Layout":
         w = settings.paths.watch
+        k = settings.paths.known
         return cls(Path(os.path.abspath(w)) if w is not None else None,
-                   Path(os.path.abspath(settings.paths.output)), Path(os.path.abspath(settings.db_path)))
+                   Path(os.path.abspath(settings.paths.output)), Path(os.path.abspath(settings.db_path)),
+                   Path(os.path.abspath(k)) if k is not None else None)
 
     # ---- "is this path input?" --------------------------------------------------------------
     def _excluded_dirs(self) -> list[Path]:
@@ -136,11 +139,31 @@ class Layout:
                                "person folders would be mixed with your photos. Choose an output folder that does "
                                f"not contain the photos, e.g. {self.output.parent / (self.output.name + '-people')}")
                     break
+        out += _known_problems(self)
         for what, p in (("output folder", self.output), ("store's folder", self.db.parent)):
             base = _existing_ancestor(p)  # (an existing one that is read-only: reported per entry)
             if base not in (None, p) and base.is_dir() and not os.access(base, os.W_OK | os.X_OK):
                 out.append(f"cannot create the {what} {p}: {base} is not writable")
         return list(dict.fromkeys(out))
+
+
+def _known_problems(layout: Layout) -> list[str]:
+    """The reference photos must not be input (they would be sorted into the folders too, and the
+    known people would find themselves), nor share a folder with the output tree."""
+    k = layout.known
+    if k is None:
+        return []
+    if k.exists() and not k.is_dir():
+        return [f"the known-people folder {k} is a file, not a folder (paths.known: one sub-folder per person)"]
+    w = layout.watch
+    for kk, ww, oo in ((k, w, layout.output), (_real(k), w and _real(w), _real(layout.output))):
+        if ww is not None and (_within(ww, kk) or layout.is_input(kk, is_dir=True)):
+            return [f"the known-people folder {k} overlaps the watched folder {w}: its reference photos would be "
+                    f"sorted as photos too. Keep it outside the photos (e.g. {w.parent / 'known-people'}), or "
+                    "inside them as a hidden folder (a name starting with '.')"]
+        if _within(kk, oo) or _within(oo, kk):
+            return [f"the known-people folder {k} overlaps the output folder {layout.output}; keep the two apart"]
+    return []
 
 
 def _existing_ancestor(path: Path) -> Path | None:

@@ -18,6 +18,7 @@ from .config import Settings
 from .encode import encoder_id
 from .executors import encoder_for
 from .ingest import IngestError, check_readable, sha256_file
+from .known import KnownPeople
 from .layout import Layout, WatchState
 from .library import Library
 from .reencode import EncodingUpgrade
@@ -72,7 +73,9 @@ class Organizer:
         self._retry_failed = True  # failed files are retried once per start-up
         self.clustering = Clustering(store, settings, encoder_id(self.encoder.settings))
         self.encodings = EncodingUpgrade(store, self.encoder, self.watch, on_done=self.clustering.discard_state)
-        self.layout = Layout(self.watch, self.output, Path(os.path.abspath(store.path)))
+        self.known = KnownPeople(store, settings, self.encoder, encoder_id(self.encoder.settings))
+        self.layout = Layout(self.watch, self.output, Path(os.path.abspath(store.path)),
+                             Path(os.path.abspath(settings.paths.known)) if settings.paths.known else None)
         self.library = Library(store, self.layout, self.watch, sv.max_forget_share)
         self.tree = OutputTree(store, self.output, sv.link_mode, settings.detection.max_pixels, self.apply_corrections)
         self._refreshed_at, self._refresh_cost = time.monotonic(), 0.0  # see PARTIAL_REFRESH_SECONDS
@@ -270,6 +273,7 @@ class Organizer:
         ``algorithm``: another batch method, for comparison (see :meth:`Clustering.recluster`)."""
         self.upgrade_encodings()
         self.clustering.recluster(algorithm)
+        self._vote_known(rescan=True)
 
     def refresh(self, verify: bool = True) -> None:
         """Update clusters (incrementally) and reconcile the output tree with the store
@@ -277,9 +281,16 @@ class Organizer:
         t0 = time.monotonic()
         self.upgrade_encodings()  # before any clustering: distances compare like with like
         self.clustering.update()
+        self._vote_known(rescan=verify)
         self.reconcile(verify)
         self._refreshed_at = time.monotonic()
         self._refresh_cost = self._refreshed_at - t0
+
+    def _vote_known(self, rescan: bool) -> None:
+        """Name the new faces of known people (:mod:`organizer.known`; ``rescan``: read the reference
+        photos again) and apply the corrections that made."""
+        if self.known.update(rescan):
+            self.clustering.apply_corrections()
 
     def apply_corrections(self) -> bool:
         """Apply corrections recorded since the last update (see :meth:`Clustering.apply_corrections`)."""

@@ -1,8 +1,8 @@
 """Store: the SQLite database of photos, faces, clusters and the output manifest.
 
-This module and its two siblings over the same connection, store_review.py (the read queries
-behind what the user sees) and store_corrections.py (the corrections rows), are the only code
-that writes SQL. The service holds one connection and writes from one thread; each photo's
+This module and its siblings over the same connection, store_review.py (the read queries
+behind what the user sees), store_corrections.py (the corrections rows) and store_known.py (the
+known people's reference faces), are the only code that writes SQL. The service holds one connection and writes from one thread; each photo's
 result, each removal and each clustering update is committed in one transaction, so killing the
 process at any moment leaves a consistent database that the next start resumes from. Opening
 and locking the file: storefile.py.
@@ -145,6 +145,14 @@ def m005_corrections(db: sqlite_utils.Database) -> None:
             [cid, name, now])
         db.execute("insert into correction_faces (correction, sha256, idx) select ?, sha256, idx from faces"
                    " where cluster_id=? and doubtful=0", [cur.lastrowid, cid])
+
+
+@migrations()
+def m006_reference_faces(db: sqlite_utils.Database) -> None:
+    """The known people's reference photos, encoded (known.py): by file content and encoder, so a
+    rescan of the reference folder encodes only photos it has not seen (store_known.py)."""
+    db["reference_faces"].create({"sha256": str, "encoder": str, "faces": int, "encoding": bytes},
+                                 pk=("sha256", "encoder"))
 
 
 @dataclass

@@ -116,6 +116,7 @@ class TreeEdits:
         foreign = {rp: i for rp, i in on_disk.items() if rp not in manifest and rp not in ignored}
         if not missing and not foreign:
             return report
+        self._remake_overwritten(missing, manifest, idents, on_disk)
         by_ident: dict[str, list[str]] = defaultdict(list)
         for rp in sorted(foreign):
             by_ident[foreign[rp]].append(rp)
@@ -168,6 +169,23 @@ class TreeEdits:
             before = json.loads(self.store.get_meta(TREE_UNCLEAR) or "[]")
             self.store.set_meta(TREE_UNCLEAR, json.dumps((before + report.unclear)[-50:]))
         return report
+
+    def _remake_overwritten(self, missing: list[str], manifest: dict, idents: dict, on_disk: dict) -> None:
+        """A representative or montage moved over another folder's own: the file there is still
+        the organizer's (not a file of the user's, which would be left alone), so it is removed
+        and the next tree update makes that folder's own again."""
+        gone = {idents[rp]: manifest[rp] for rp in missing if manifest[rp][0] != "link"}
+        for rp, ident in on_disk.items():
+            entry = manifest.get(rp)
+            if entry is None or entry[0] == "link" or ident == idents.get(rp) or ident not in gone:
+                continue
+            kind, source = gone[ident]
+            if _still_entry(self.output / rp, kind, source):
+                try:
+                    os.unlink(self.output / rp)
+                    log.info("%s was replaced by another folder's %s: made again", rp, rp.rsplit("/", 1)[-1])
+                except OSError:
+                    pass
 
     # ---- what the moves mean -------------------------------------------------------------
     def _act(self, moved: list[_Moved], manifest: dict, report: EditReport) -> None:

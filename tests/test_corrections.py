@@ -206,6 +206,7 @@ def test_folder_changes_without_the_service(lib):
     cli(lib, "recluster")
     check()
     # every link moved into another person's folder = a merge; the name stays
+    moved_montage = os.stat(out / "Hugo Jr" / "montage.jpg").st_ino
     for e in (out / "Hugo Jr").iterdir():  # (the montage too: it replaces the other folder's)
         if e.name != "representative.jpg":
             os.rename(e, out / "Tony Blair" / e.name)
@@ -213,6 +214,8 @@ def test_folder_changes_without_the_service(lib):
     tree = layout(out)
     assert "Hugo Jr" not in tree and {"Hugo_Chavez_0001.jpg", "Hugo_Chavez_0002.jpg"} <= tree["Tony Blair"]
     assert corrections(lib)[-1]["kind"] == "merge"
+    # the montage moved over Tony Blair's own was Hugo Jr's: made again for the merged folder
+    assert os.stat(out / "Tony Blair" / "montage.jpg").st_ino != moved_montage
     # a whole folder deleted = hidden; an invalid name is reported, not guessed
     shutil.rmtree(out / powell)
     (out / chavez).rename(out / "cluster_999") if chavez in tree else None
@@ -277,6 +280,31 @@ def test_service_rename_reject_hide_hold_through_new_photos_and_recluster(tmp_pa
         assert svc.stop() == 0
     cli(lib, "recluster")
     assert layout(out) == tree
+    assert "Traceback" not in svc.text()
+    # with the service running again: undo, one by one, the unhide (CLI) and the hide, the reject
+    # and the rename made in the folders; the tree follows each, and reading it makes no correction
+    svc = Service(watch, out, _config(tmp_path), tmp_path / "b.log")
+    try:
+        _wait(lambda: "rescan:" in svc.text(), 60, "the service's first scan")
+        kinds = [r["kind"] for r in corrections(lib)]
+        assert sorted(kinds[:2]) == ["name", "reject"] and kinds[2:] == ["hide", "unhide"]
+        undone = {
+            "unhide": lambda t: powell not in t,  # hidden again
+            "hide": lambda t: t.get(powell) == tree[powell],  # the deleted folder is back
+            # the link moved to doubtful/ is back in Powell's folder
+            "reject": lambda t: t.get(powell) == names("Colin_Powell") and "Colin_Powell_0001.jpg" not in t.get(
+                "doubtful", set()),
+            # the renamed folder has its own name again
+            "name": lambda t: "Tony Blair" not in t and t.get(blair) == names("Tony_Blair"),
+        }
+        for kind in reversed(kinds):
+            cli(lib, "undo")
+            _wait(lambda: undone[kind](layout(out)), 30, f"the {kind} undone")
+        time.sleep(2)  # the tree watcher has seen the organizer's own changes: no new correction
+        rows = corrections(lib)
+        assert [r["kind"] for r in rows] == kinds and all(r["undone"] for r in rows)
+    finally:
+        assert svc.stop() == 0
     assert "Traceback" not in svc.text()
 
 
