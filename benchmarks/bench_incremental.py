@@ -8,7 +8,8 @@ For each N it prints: the batch scikit-learn time on all N faces (the reference,
 same run), our per-photo update time (1-3 faces inserted into an engine already holding N faces;
 median and p95; engine alone and engine + people derivation, as the service does it, without face
 encoding), their ratio, incdbscan's insert time where it is installed and N <= 10k, the start-up
-time (saved state loaded / full build from the store's encodings), and peak RSS. Each measurement
+time (saved states loaded / without them: the engine built from the encodings, then the people
+derived from scratch, in one process as the service does it; CPU seconds too), and peak RSS. Each measurement
 runs in a fresh subprocess so RSS figures are not mixed up. The last line is ``ratio_100k=...``.
 """
 
@@ -95,8 +96,9 @@ def worker_sklearn(n: int) -> dict:
 
 
 def worker_prepare(n: int, workdir: str) -> dict:
-    """Start-up without a saved state: the full build from the encodings; saves the state and
-    the encodings for the update worker, and checks the partition against scikit-learn (<= 10k)."""
+    """Start-up without a saved state: the engine built from the encodings, then the people from
+    scratch; saves the engine's state and the encodings for the update worker, and checks the
+    partition against scikit-learn (<= 10k)."""
     from organizer.incremental_dbscan import IncrementalDBSCAN, save_state
 
     X, _, centers = faces(n)
