@@ -29,7 +29,7 @@ from PIL import Image
 
 from . import montage
 from .ingest import IngestError, upright_crop
-from .store import OUTPUT_ERRORS, Store
+from .store import OUTPUT_ERRORS, Store, TreeChanges
 from .store_review import ReviewQueries
 
 log = logging.getLogger(__name__)
@@ -46,11 +46,13 @@ class ReconcileReport:
     removed: int = 0
     errors: list[str] = field(default_factory=list)
     reasons: dict[str, int] = field(default_factory=dict)  # why an entry failed -> how many
-    wanted: int = 0  # entries the tree should hold
+    wanted: int = 0  # entries the tree should hold (of the folders reconciled)
+    failed_folders: set[str] = field(default_factory=set)  # top-level folders of the entries that failed
 
-    def failed(self, message: str, reason: str) -> None:
+    def failed(self, message: str, reason: str, relpath: str) -> None:
         self.errors.append(message)
         self.reasons[reason] = self.reasons.get(reason, 0) + 1
+        self.failed_folders.add(relpath.split("/", 1)[0])
 
 
 def folder_name(cluster_id: int, name: str | None) -> str:
@@ -105,9 +107,12 @@ def _unique(name: str, taken: set[str]) -> str:
         k += 1
 
 
-def desired_tree(store: Store, manifest: dict[str, tuple[str, str]]) -> dict[str, tuple[str, str]]:
+def desired_tree(store: Store, manifest: dict[str, tuple[str, str]],
+                 scope: set[str] | None = None) -> dict[str, tuple[str, str]]:
     """relpath -> (kind, source) for everything the tree should contain right now (``manifest``:
-    what it holds, whose names are kept).
+    what it holds, whose names are kept), or for what the top-level folders in ``scope`` should
+    (each folder depends only on its own people's faces and photos, ``doubtful/`` on every
+    doubtful face and the names of the people they resemble).
 
     kind "link": source is the original photo's path; kind "crop": source is
     "<face id>|<photo path>|<top>,<right>,<bottom>,<left>"; kind "montage": see organizer.montage.
@@ -115,15 +120,23 @@ def desired_tree(store: Store, manifest: dict[str, tuple[str, str]]) -> dict[str
     hidden = store.hidden_people()  # hidden by the user: no folder, their faces go nowhere
     clusters = {c["id"]: c for c in store.clusters() if c["id"] not in hidden}
     folder = {cid: folder_name(cid, c["name"]) for cid, c in clusters.items()}
-    faces = {f.id: f for f in store.faces()}
+    if scope is None:
+        faces = {f.id: f for f in store.faces()}
+        rows = store.photos_of_faces()
+    else:
+        clusters = {cid: c for cid, c in clusters.items() if folder[cid] in scope}
+        faces = {f.id: f for f in store.faces_of_people(clusters, DOUBTFUL in scope)}
+        rows = store.photos_of_faces({f.sha256 for f in faces.values()})
     wanted: dict[str, dict[str, None]] = defaultdict(dict)  # folder -> photo paths (ordered, unique)
     doubtful_faces: dict[int, str] = {}  # face id -> its photo's first name
     path_of: dict[int, str] = {}  # face -> the first path of its photo (for montages)
     # identical files (one content, several names) get one link per folder, under the first name
     # in path order (the name the representative crop is made from too)
     linked: set[tuple[str, str]] = set()  # (folder, sha256)
-    for path, face_id, sha in store.photos_of_faces():
-        f = faces[face_id]
+    for path, face_id, sha in rows:
+        f = faces.get(face_id)
+        if f is None:  # (scope) a face of another folder's photo
+            continue
         path_of.setdefault(face_id, path)
         if f.cluster_id is not None and not f.doubtful and f.cluster_id in folder:
             target = folder[f.cluster_id]
@@ -162,7 +175,8 @@ def desired_tree(store: Store, manifest: dict[str, tuple[str, str]]) -> dict[str
             tree[f"{dirname}/{name}"] = ("link", path)
 
     for cid, c in clusters.items():
-        rep = faces.get(c["representative_face"]) if c["representative_face"] is not None else None
+        rep_id = c["representative_face"]
+        rep = None if rep_id is None else faces.get(rep_id) or (store.face(rep_id) if scope is not None else None)
         path = store.path_for_sha(rep.sha256) if rep else None
         if rep and path and wanted.get(folder[cid]):  # no folder for a group with no confident photo
             tree[f"{folder[cid]}/{REPRESENTATIVE}"] = ("crop", _crop_source(rep, path))
@@ -294,23 +308,44 @@ def _remember_errors(store: Store, errors: list[str]) -> None:
         store.set_meta(OUTPUT_ERRORS, now)
 
 
+# A change to more than this share of the person folders is reconciled in one pass over every row:
+# reading them folder by folder would cost more.
+SCOPE_SHARE = 0.25
+
+
+def tree_scope(store: Store, changes: TreeChanges, failing: set[str] = frozenset()) -> set[str] | None:
+    """The top-level folders whose entries ``changes`` may have changed (and the ``failing`` ones,
+    whose entries are tried again), or None: every folder (not tracked, or most of them)."""
+    if changes.everything:
+        return None
+    names = {c["id"]: c["name"] for c in store.clusters()}
+    scope = {folder_name(cid, name) for cid, name in changes.people}
+    scope |= {folder_name(cid, names[cid]) for cid, _ in changes.people if cid in names}
+    scope |= set(failing) | ({DOUBTFUL} if changes.doubtful else set())
+    return None if len(scope) > max(20, SCOPE_SHARE * len(names)) else scope
+
+
 def reconcile(store: Store, output: Path, link_mode: str = "hardlink", max_pixels: int = 100_000_000,
-              verify: bool = True, logged: set[str] | None = None) -> ReconcileReport:
+              verify: bool = True, logged: set[str] | None = None, scope: set[str] | None = None) -> ReconcileReport:
     """Bring ``output`` in line with the store, touching only entries the organizer created.
 
     ``verify``: also check on disk that every entry made earlier is still there and still ours
     (putting back what someone deleted), and remove every folder left empty. Without it (the
     service after each batch) an entry the manifest records as made, for the same source, is
-    trusted: the cost is one pass over the store's rows plus what changed, not a stat of every
-    entry of the tree (bench_output.py). Scans, the start and the periodic rescan verify.
+    trusted, not a stat of every entry of the tree. Scans, the start and the periodic rescan verify.
+
+    ``scope`` (only without ``verify``): reconcile only these top-level folders (:func:`tree_scope`
+    of what changed since the last update): the cost is what the batch touched, not one pass over
+    every row of the store (bench_output.py). The others are left as they are.
 
     ``logged``: errors already logged in this update (the caller's set, added to here; a scan
     starts a new one): an entry that fails again in the next batch is not logged again.
     """
     output = Path(output)
     report = ReconcileReport()
-    manifest, idents = store.manifest()
-    desired = desired_tree(store, manifest)
+    scope = None if verify else scope
+    manifest, idents = store.manifest(scope)
+    desired = desired_tree(store, manifest, scope)
     report.wanted = len(desired)
 
     # 1. forget and delete entries that are no longer wanted (or whose source changed)
@@ -327,7 +362,7 @@ def reconcile(store: Store, output: Path, link_mode: str = "hardlink", max_pixel
                 else:
                     log.warning("leaving %s alone: it was changed by someone else", dst)
         except OSError as exc:
-            report.failed(f"cannot remove {dst}: {exc.strerror}", exc.strerror or str(exc))
+            report.failed(f"cannot remove {dst}: {exc.strerror}", exc.strerror or str(exc), relpath)
             continue
         store.manifest_remove(relpath)
         manifest.pop(relpath)
@@ -367,10 +402,10 @@ def reconcile(store: Store, output: Path, link_mode: str = "hardlink", max_pixel
             report.created += 1
         except FileNotFoundError:
             # the original vanished since the last scan; the watcher will drop it from the store
-            report.failed(f"source of {relpath} is gone", "the original is gone")
+            report.failed(f"source of {relpath} is gone", "the original is gone", relpath)
         except (OSError, IngestError) as exc:
             msg = getattr(exc, "strerror", None) or str(exc)
-            report.failed(f"cannot create {dst}: {msg}", msg)
+            report.failed(f"cannot create {dst}: {msg}", msg, relpath)
     for err in report.errors:
         if logged is None or err not in logged:
             log.error("output: %s", err)

@@ -15,7 +15,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,7 +26,8 @@ from sqlite_utils.migrations import Migrations
 from .logs import printable
 from .storefile import APP_ID, StoreError, StoreLocked, check_file, require_existing, take_lock
 
-__all__ = ["Store", "StoreError", "StoreLocked", "PhotoFile", "PhotoState", "FaceVectors", "FaceClustering", "Face"]
+__all__ = ["Store", "StoreError", "StoreLocked", "PhotoFile", "PhotoState", "FaceVectors", "FaceClustering", "Face",
+           "TreeChanges"]
 
 migrations = Migrations("organizer")
 
@@ -249,6 +250,23 @@ class FaceVectors:
 _FACE_VECTORS = "select id, sha256, encoding, sharpness, size from faces"
 
 
+@dataclass
+class TreeChanges:
+    """What changed for the output tree since the tree last looked (:meth:`Store.take_tree_changes`):
+    the people whose folders may hold other entries now, each with the name it had then (a renamed
+    person is there under both names), whether ``doubtful/`` may have changed, or ``everything``
+    (not tracked: the tree must be compared in full)."""
+
+    people: set[tuple[int, str | None]] = field(default_factory=set)
+    doubtful: bool = False
+    everything: bool = False
+
+
+def _chunks(values: list, size: int = 500) -> Iterator[list]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
 class Store:
     """The organizer's database. Open with :meth:`open` (writer) or :meth:`open_readonly`."""
 
@@ -257,6 +275,9 @@ class Store:
         self.path = path
         self._lock_fh = lock_fh
         self.readonly = readonly
+        # the writers below mark what they change for the tree; a new handle knows nothing yet
+        self._changes = TreeChanges(everything=True)
+        self._seen_version: int | None = None
 
     # ---- opening -------------------------------------------------------------------------
     @classmethod
@@ -328,6 +349,51 @@ class Store:
         """Changes whenever another connection commits (e.g. `organizer name` while running)."""
         return self.db.execute("PRAGMA data_version").fetchone()[0]
 
+    # ---- what changed for the output tree ----------------------------------------------------
+    def take_tree_changes(self) -> TreeChanges:
+        """What the writers of this handle changed for the output tree since the last call (then
+        forgotten). ``everything`` the first time, and after another connection wrote (`organizer
+        name` while the service runs): those writes are not tracked."""
+        version = self.data_version()
+        out, self._changes = self._changes, TreeChanges()
+        out.everything = out.everything or version != self._seen_version
+        self._seen_version = version
+        return out
+
+    def _touch_people(self, ids: Iterable[int | None]) -> None:
+        """Mark the folders of these people (under their current names)."""
+        ids = sorted({i for i in ids if i is not None})
+        for chunk in _chunks(ids):
+            self._changes.people.update(
+                (cid, name) for cid, name in
+                self.db.execute(f"select id, name from clusters where id in ({','.join('?' * len(chunk))})", chunk))
+
+    def _touch_contents(self, shas: Iterable[str | None]) -> None:
+        """Mark the folders that link a photo of these contents (or crop one of its faces): a path
+        of it came or went."""
+        shas = sorted({s for s in shas if s is not None})
+        for chunk in _chunks(shas):
+            marks = ",".join("?" * len(chunk))
+            for cid, doubtful in self.db.execute(
+                    f"select distinct cluster_id, doubtful from faces where sha256 in ({marks})", chunk).fetchall():
+                self._touch_people([cid])
+                self._changes.doubtful |= bool(doubtful)
+            self._changes.people.update(self.db.execute(  # a representative crop is made from the first path
+                f"select id, name from clusters where representative_face in"
+                f" (select id from faces where sha256 in ({marks}))", chunk).fetchall())
+
+    def _touch_assignments(self, assignments: dict[int, FaceClustering]) -> None:
+        """Mark the old and new folder of every face whose place changes."""
+        ids = sorted(assignments)
+        for chunk in _chunks(ids):
+            for fid, cid, doubtful, near in self.db.execute(
+                    f"select id, cluster_id, doubtful, nearest_cluster from faces"
+                    f" where id in ({','.join('?' * len(chunk))})", chunk).fetchall():
+                new = assignments[fid]
+                if (cid, bool(doubtful), near) != (new[0], bool(new[1]), new[3]):
+                    self._touch_people([cid, new[0]])
+                    self._changes.doubtful |= bool(doubtful) or bool(new[1])
+
     # ---- photos --------------------------------------------------------------------------
     def has_photos(self) -> bool:
         return self.db.execute("select exists(select 1 from photos)").fetchone()[0] == 1
@@ -385,6 +451,7 @@ class Store:
         """Write a photo's row. Content the path held before goes (with its faces) when no other
         path refers to it; the saved clustering no longer covers every face."""
         row = self.db.execute("select sha256 from photos where path=?", [db_text(photo.path)]).fetchone()
+        self._touch_contents([row[0] if row else None, sha])
         self.db["photos"].upsert(
             {"path": db_text(photo.path), "sha256": sha, "size": photo.size, "mtime": photo.mtime,
              "status": status, "updated_at": now,
@@ -401,6 +468,8 @@ class Store:
         """Forget photos, and the content (with its faces) that no other path refers to."""
         with self.db.atomic():
             for path in paths:
+                row = self.db.execute("select sha256 from photos where path=?", [db_text(path)]).fetchone()
+                self._touch_contents([row[0] if row else None])
                 self.db.execute("delete from photos where path=?", [db_text(path)])
             self._prune_orphans()
             self._mark_dirty()
@@ -489,12 +558,21 @@ class Store:
         never reused (the counter only grows) and names of surviving clusters are kept.
         """
         with self.db.atomic():
+            if full:
+                self._changes.everything = True
+            else:
+                self._touch_assignments(assignments)
             self.db.conn.executemany(
                 "update faces set cluster_id=?, doubtful=?, doubt_reason=?, nearest_cluster=? where id=?",
                 [(cid, int(d), reason, near, fid) for fid, (cid, d, reason, near) in assignments.items()],
             )
-            existing = {r[0] for r in self.db.execute("select id from clusters")}
-            gone = (existing - set(clusters)) if full else (set(removed) - set(clusters))
+            existing = {r[0]: r[1] for r in self.db.execute("select id, representative_face from clusters")}
+            gone = (set(existing) - set(clusters)) if full else (set(removed) - set(clusters))
+            changed = {c for c, (_, rep) in clusters.items() if c not in existing or existing[c] != rep}
+            self._touch_people(gone | changed)
+            self._changes.people.update((c, None) for c in changed if c not in existing)  # new: no name yet
+            # a doubtful face's crop and caption name its nearest person, who may be new or gone
+            self._changes.doubtful |= bool(gone) or any(c not in existing for c in clusters)
             for cid in gone:
                 self.db.execute("delete from clusters where id=?", [cid])
             for cid, (size, rep) in clusters.items():
@@ -517,6 +595,9 @@ class Store:
             ).fetchone()
             if name is not None and clash:
                 raise StoreError(f"the name {name!r} is already used by cluster {clash[0]}")
+            self._touch_people([cluster_id])  # under the old name, and the new one:
+            self._changes.people.add((cluster_id, name))
+            self._changes.doubtful = True  # doubtful crops and captions name the nearest person
             self.db.execute("update clusters set name=? where id=?", [name, cluster_id])
 
     def faces_by_image(self) -> list[tuple[str, list[str], list[int], list[tuple[int, int, int, int]]]]:
@@ -537,6 +618,7 @@ class Store:
         """Replace the encodings of existing faces (ids, boxes and clusters are kept); ``progress``
         is stored under REENCODING in the same transaction."""
         with self.db.atomic():
+            self._changes.everything = True  # every montage's choice of faces may change
             self.db.conn.executemany(
                 "update faces set encoding=? where id=?",
                 [(np.asarray(e, dtype=np.float64).tobytes(), int(f)) for f, e in encodings.items()],
@@ -545,13 +627,35 @@ class Store:
                 self.db.execute("insert or replace into meta (key, value) values (?, ?)", [REENCODING, progress])
             self._mark_dirty()
 
-    def photos_of_faces(self) -> Iterator[tuple[str, int, str]]:
-        """(photo path, face id, sha256) for every ok photo with faces, in path order."""
-        for path, face_id, sha in self.db.execute(
-            "select p.path, f.id, f.sha256 from photos p join faces f on f.sha256 = p.sha256"
-            " where p.status='ok' order by p.path, f.idx"
-        ):
+    _PHOTOS_OF_FACES = ("select p.path, f.id, f.sha256 from photos p join faces f on f.sha256 = p.sha256"
+                        " where p.status='ok'")
+
+    def photos_of_faces(self, shas: Iterable[str] | None = None) -> Iterator[tuple[str, int, str]]:
+        """(photo path, face id, sha256) for every ok photo with faces (or those of the contents
+        ``shas``, by the sha256 index), in path order (SQLite's: text by its UTF-8 bytes, then BLOBs)."""
+        if shas is None:
+            rows = self.db.execute(f"{self._PHOTOS_OF_FACES} order by p.path, f.idx")
+        else:
+            found = []
+            for chunk in _chunks(sorted(set(shas))):
+                found += self.db.execute(
+                    f"select p.path, f.idx, f.id, f.sha256 from photos p join faces f on f.sha256 = p.sha256"
+                    f" where p.status='ok' and p.sha256 in ({','.join('?' * len(chunk))})", chunk).fetchall()
+            found.sort(key=lambda r: (isinstance(r[0], bytes), r[0], r[1]))
+            rows = ((path, fid, sha) for path, _, fid, sha in found)
+        for path, face_id, sha in rows:
             yield py_text(path), face_id, sha
+
+    def faces_of_people(self, ids: Iterable[int], doubtful: bool) -> list[Face]:
+        """The confident faces of these people (by the cluster_id index), and every doubtful face
+        if ``doubtful``, in id order."""
+        ids = sorted(set(ids))
+        out = []
+        for chunk in _chunks(ids):
+            out += self.faces_where(f"cluster_id in ({','.join('?' * len(chunk))}) and doubtful=0", chunk)
+        if doubtful:
+            out += self.faces_where("doubtful=1", [])  # by the partial index of doubtful faces
+        return sorted(out, key=lambda f: f.id)
 
     def face(self, face_id: int) -> Face | None:
         for f in self.faces_where("id=?", [face_id]):
@@ -578,16 +682,29 @@ class Store:
         return py_text(row[0]) if row else None
 
     # ---- output manifest -----------------------------------------------------------------
-    def manifest(self) -> tuple[dict[str, tuple[str, str]], dict[str, str | None]]:
-        """Every output entry the organizer created (or intends to), in one read: relpath ->
-        (kind, source), and relpath -> identity of the file made (device:inode, or the symlink
-        target; None until it is made)."""
+    def manifest(self, folders: Iterable[str] | None = None
+                 ) -> tuple[dict[str, tuple[str, str]], dict[str, str | None]]:
+        """Every output entry the organizer created (or intends to), or those in the top-level
+        ``folders``, in one read: relpath -> (kind, source), and relpath -> identity of the file
+        made (device:inode, or the symlink target; None until it is made)."""
         entries, idents = {}, {}
-        for relpath, kind, source, ident in self.db.execute("select relpath, kind, source, ident from output_entries"):
+        for relpath, kind, source, ident in self._manifest_rows(folders):
             relpath = py_text(relpath)
             entries[relpath] = (kind, py_text(source))
             idents[relpath] = ident
         return entries, idents
+
+    def _manifest_rows(self, folders: Iterable[str] | None) -> list[tuple]:
+        sql = "select relpath, kind, source, ident from output_entries"
+        if folders is None:
+            return self.db.execute(sql).fetchall()
+        rows = []
+        for folder in sorted(set(folders)):
+            # "<folder>/" up to "<folder>0" ("0" follows "/"): a range of the primary key, as text and
+            # as BLOB (relpaths holding a name that is not UTF-8, see db_text)
+            for low, high in ((folder + "/", folder + "0"), (os.fsencode(folder + "/"), os.fsencode(folder + "0"))):
+                rows += self.db.execute(f"{sql} where relpath >= ? and relpath < ?", [low, high]).fetchall()
+        return rows
 
     def manifest_add(self, relpath: str, kind: str, source: str) -> None:
         self.db["output_entries"].upsert(
@@ -637,6 +754,8 @@ class Store:
         return list(self.db.query("select id, name, size, representative_face, hidden from clusters order by id"))
 
     def set_hidden(self, person_id: int, hidden: bool) -> None:
+        self._touch_people([person_id])
+        self._changes.doubtful = True  # the hidden person's doubtful faces go nowhere
         self.db.execute("update clusters set hidden=? where id=?", [int(hidden), person_id])
 
     def hidden_people(self) -> set[int]:

@@ -3,6 +3,8 @@
 Each update first reads what the user changed in the person folders (tree_edits.py: recorded as
 corrections, applied before the tree is touched, which would otherwise put moved links back),
 then reconciles the tree (output.py) and logs the person folders that changed (FolderEvents).
+An update without ``verify`` reconciles only the folders the store's writers marked as changed
+since the last update (Store.take_tree_changes), and those whose entries failed last time.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from .output import FolderEvents, ReconcileReport, reconcile
+from .output import FolderEvents, ReconcileReport, reconcile, tree_scope
 from .store import Store
 from .tree_edits import TreeEdits
 
@@ -27,6 +29,7 @@ class OutputTree:
         self.apply_corrections = apply_corrections  # has the people layer apply new corrections
         self.last: ReconcileReport | None = None  # the last update's report
         self.logged: set[str] = set()  # output errors logged since the last scan began
+        self._failing: set[str] = set()  # top-level folders with entries that failed (tried again)
         self._folder_events = FolderEvents(store)
         self._folder_events.update()  # the baseline: what the tree holds at the start
 
@@ -44,6 +47,10 @@ class OutputTree:
         and every entry checked on disk, see :func:`organizer.output.reconcile`; otherwise in the
         ``tops`` folders the service saw change)."""
         self.read_edits(None if verify else tops)
-        self.last = reconcile(self.store, self.output, self.link_mode, self.max_pixels, verify, logged=self.logged)
+        changes = self.store.take_tree_changes()  # (after the edits: their corrections are changes too)
+        scope = None if verify else tree_scope(self.store, changes, self._failing)
+        self.last = reconcile(self.store, self.output, self.link_mode, self.max_pixels, verify, logged=self.logged,
+                              scope=scope)
+        self._failing = self.last.failed_folders | (self._failing - scope if scope is not None else set())
         self._folder_events.update()
         return self.last
