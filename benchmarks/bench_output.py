@@ -10,8 +10,13 @@ the output stage only). Then it times:
 * ``create``: the first reconcile, which makes every link and face crop;
 * ``verify``: a full reconcile with nothing to do, which checks every entry on disk (a scan's
   last step; the service's start and periodic rescan);
-* ``one new photo``: a photo added to a known person, then the reconcile the service runs after
-  that batch (``verify=False``: entries made earlier are trusted);
+* ``one new photo, one pass``: a photo added to the biggest person, then a reconcile of every
+  folder without the check on disk (``verify=False``: entries made earlier are trusted), as the
+  service ran after each batch before the store marked what its writers change;
+* ``one new photo``: another such photo, then what the service runs now after that batch: only the
+  folders the store marked (that person's; ``output.tree_scope``);
+* ``a rename``: the second biggest person named, then the same update: the old and the new
+  folder, and ``doubtful/`` (its crops and montage captions name the nearest person);
 * the reference, measured in the same run: one ``os.lstat`` of every entry of the output tree
   (``walk``), the least any check of the whole tree costs.
 
@@ -53,7 +58,7 @@ def _photo(dest: Path) -> tuple[int, int]:
 def worker(n: int, workdir: str) -> dict:
     from organizer.config import load_config
     from organizer.encode import FaceRecord, PhotoResult
-    from organizer.output import reconcile
+    from organizer.output import reconcile, tree_scope
     from organizer.store import PhotoFile, Store
 
     work = Path(workdir)
@@ -113,17 +118,35 @@ def worker(n: int, workdir: str) -> dict:
         walk_s = min(timed(walk) for _ in range(3))
         entries = sum(len(f) for _, _, f in os.walk(out))
 
-        # one new photo of the biggest person, as a service batch ends: store, clustering, tree
-        p = src / "new.jpg"
-        os.link(work / "face.jpg", p)
-        store.record_encoded(PhotoFile(str(p), 1000, 0.0), f"{n:064x}", PhotoResult(p, w, h, [FaceRecord(
-            **box, encoding=rng.normal(size=128), sharpness=100.0)]))
-        (f,) = store.db.execute("select max(id) from faces").fetchone()
-        store.save_clustering({f: (1, False, None, 1)}, {1: (clusters[1][0] + 1, clusters[1][1])}, (), n_people + 1)
+        # one new photo of the biggest person, as a service batch ends: store, clustering, tree;
+        # "one pass": reconciled as it was before the store marked what changed (every row read)
+        store.take_tree_changes()  # (a fresh handle: "everything")
+        size = clusters[1][0]
+
+        def new_photo(k: int) -> None:
+            nonlocal size
+            p = src / f"new{k}.jpg"
+            os.link(work / "face.jpg", p)
+            store.record_encoded(PhotoFile(str(p), 1000, 0.0), f"{n + k:064x}", PhotoResult(p, w, h, [FaceRecord(
+                **box, encoding=rng.normal(size=128), sharpness=100.0)]))
+            (f,) = store.db.execute("select max(id) from faces").fetchone()
+            size += 1
+            store.save_clustering({f: (1, False, None, 1)}, {1: (size, clusters[1][1])}, (), n_people + 1)
+
+        def service_update():  # what OutputTree.update(verify=False) runs: the folders marked
+            reconcile(store, out, link_mode, max_pixels, False, scope=tree_scope(store, store.take_tree_changes()))
+
+        new_photo(1)
         one_s = timed(lambda: run(False))
-        assert (out / "cluster_1" / "new.jpg").exists()
+        store.take_tree_changes()
+        new_photo(2)
+        scoped_s = timed(service_update)
+        assert (out / "cluster_1" / "new1.jpg").exists() and (out / "cluster_1" / "new2.jpg").exists()
+        store.set_cluster_name(2, "Renamed")  # the second biggest person; doubtful/ names it too
+        rename_s = timed(service_update)
+        assert (out / "Renamed").is_dir() and not (out / "cluster_2").exists()
     return {"n": n, "entries": entries, "setup_s": setup_s, "create_s": create_s, "steady_s": steady_s,
-            "one_s": one_s, "walk_s": walk_s,
+            "one_s": one_s, "scoped_s": scoped_s, "rename_s": rename_s, "walk_s": walk_s,
             "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -136,8 +159,9 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, args.dir)))
         return
-    print("| photos | tree entries | create | verify (nothing to do) | one new photo | walk (lstat every entry) | one new photo / walk | peak RSS |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| photos | tree entries | create | verify (nothing to do) | one new photo, one pass | one new photo "
+          "| a rename | walk (lstat every entry) | one pass / walk | one new photo / walk | a rename / walk | peak RSS |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n in [int(s) for s in args.sizes.split(",")]:
         with tempfile.TemporaryDirectory(prefix="bench_output_") as d:
             res = subprocess.run([sys.executable, __file__, "--worker", str(n), "--dir", d],
@@ -145,9 +169,10 @@ def main() -> None:
         if res.returncode:
             sys.exit(f"the worker for {n} photos failed:\n{res.stderr[-3000:]}")
         r = json.loads(res.stdout.strip().splitlines()[-1])
+        walk = r["walk_s"]
         print(f"| {n:,} | {r['entries']:,} | {r['create_s']:.1f} s | {r['steady_s']:.2f} s | {r['one_s']:.2f} s | "
-              f"{r['walk_s']:.2f} s | {r['one_s'] / r['walk_s']:.1f}x | {r['rss_mb']:.0f} MB |", flush=True)
-
+              f"{r['scoped_s']:.3f} s | {r['rename_s']:.2f} s | {walk:.2f} s | {r['one_s'] / walk:.1f}x | "
+              f"{r['scoped_s'] / walk:.2f}x | {r['rename_s'] / walk:.1f}x | {r['rss_mb']:.0f} MB |", flush=True)
 
 if __name__ == "__main__":
     main()
