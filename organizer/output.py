@@ -30,7 +30,6 @@ from PIL import Image
 from . import montage
 from .ingest import IngestError, upright_crop
 from .store import OUTPUT_ERRORS, Store, TreeChanges
-from .store_review import ReviewQueries
 
 log = logging.getLogger(__name__)
 
@@ -435,13 +434,12 @@ class FolderEvents:
 
     def __init__(self, store: Store):
         self.store = store
-        self.review = ReviewQueries(store)
         self._folders: dict[int, str] | None = None
         self._assign: dict[int, int | None] = {}
 
     def _now(self) -> dict[int, str]:
         names = {c["id"]: c["name"] for c in self.store.clusters()}
-        return {p["id"]: folder_name(p["id"], names.get(p["id"])) for p in self.review.people_summary()}
+        return {cid: folder_name(cid, names[cid]) for cid in self.store.people_with_faces() if cid in names}
 
     def update(self) -> None:
         folders = self._now()
