@@ -29,7 +29,7 @@ from PIL import Image
 
 from . import montage
 from .ingest import IngestError, upright_crop
-from .store import OUTPUT_ERRORS, Store, TreeChanges
+from .store import OUTPUT_ERRORS, Store, ChangedFolders
 
 log = logging.getLogger(__name__)
 
@@ -312,15 +312,15 @@ def _remember_errors(store: Store, errors: list[str]) -> None:
 SCOPE_SHARE = 0.25
 
 
-def tree_scope(store: Store, changes: TreeChanges, failing: set[str] = frozenset()) -> set[str] | None:
-    """The top-level folders whose entries ``changes`` may have changed (and the ``failing`` ones,
-    whose entries are tried again), or None: every folder (not tracked, or most of them)."""
+def tree_scope(store: Store, changes: ChangedFolders, also: set[str] = frozenset()) -> set[str] | None:
+    """The top-level folders whose entries ``changes`` may have changed, and those ``also`` named
+    (whose entries failed, or the user changed), or None: every folder (not tracked, or most)."""
     if changes.everything:
         return None
     names = {c["id"]: c["name"] for c in store.clusters()}
     scope = {folder_name(cid, name) for cid, name in changes.people}
     scope |= {folder_name(cid, names[cid]) for cid, _ in changes.people if cid in names}
-    scope |= set(failing) | ({DOUBTFUL} if changes.doubtful else set())
+    scope |= set(also) | ({DOUBTFUL} if changes.doubtful else set())
     return None if len(scope) > max(20, SCOPE_SHARE * len(names)) else scope
 
 

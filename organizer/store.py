@@ -27,7 +27,7 @@ from .logs import printable
 from .storefile import APP_ID, StoreError, StoreLocked, check_file, require_existing, take_lock
 
 __all__ = ["Store", "StoreError", "StoreLocked", "PhotoFile", "PhotoState", "FaceVectors", "FaceClustering", "Face",
-           "TreeChanges"]
+           "ChangedFolders"]
 
 migrations = Migrations("organizer")
 
@@ -251,7 +251,7 @@ _FACE_VECTORS = "select id, sha256, encoding, sharpness, size from faces"
 
 
 @dataclass
-class TreeChanges:
+class ChangedFolders:
     """What changed for the output tree since the tree last looked (:meth:`Store.take_tree_changes`):
     the people whose folders may hold other entries now, each with the name it had then (a renamed
     person is there under both names), whether ``doubtful/`` may have changed, or ``everything``
@@ -276,7 +276,7 @@ class Store:
         self._lock_fh = lock_fh
         self.readonly = readonly
         # the writers below mark what they change for the tree; a new handle knows nothing yet
-        self._changes = TreeChanges(everything=True)
+        self._changes = ChangedFolders(everything=True)
         self._seen_version: int | None = None
 
     # ---- opening -------------------------------------------------------------------------
@@ -350,12 +350,12 @@ class Store:
         return self.db.execute("PRAGMA data_version").fetchone()[0]
 
     # ---- what changed for the output tree ----------------------------------------------------
-    def take_tree_changes(self) -> TreeChanges:
+    def take_tree_changes(self) -> ChangedFolders:
         """What the writers of this handle changed for the output tree since the last call (then
         forgotten). ``everything`` the first time, and after another connection wrote (`organizer
         name` while the service runs): those writes are not tracked."""
         version = self.data_version()
-        out, self._changes = self._changes, TreeChanges()
+        out, self._changes = self._changes, ChangedFolders()
         out.everything = out.everything or version != self._seen_version
         self._seen_version = version
         return out

@@ -4,7 +4,8 @@ Each update first reads what the user changed in the person folders (tree_edits.
 corrections, applied before the tree is touched, which would otherwise put moved links back),
 then reconciles the tree (output.py) and logs the person folders that changed (FolderEvents).
 An update without ``verify`` reconciles only the folders the store's writers marked as changed
-since the last update (Store.take_tree_changes), and those whose entries failed last time.
+since the last update (Store.take_tree_changes), those the user changed, and those whose entries
+failed last time.
 """
 
 from __future__ import annotations
@@ -46,9 +47,11 @@ class OutputTree:
         """Update the tree; the user's changes in it are read first (``verify``: in every folder,
         and every entry checked on disk, see :func:`organizer.output.reconcile`; otherwise in the
         ``tops`` folders the service saw change)."""
+        tops = set(tops)
         self.read_edits(None if verify else tops)
         changes = self.store.take_tree_changes()  # (after the edits: their corrections are changes too)
-        scope = None if verify else tree_scope(self.store, changes, self._failing)
+        # (the folders the user changed too: the entries moved there, or away, are the manifest's)
+        scope = None if verify else tree_scope(self.store, changes, self._failing | set(tops))
         self.last = reconcile(self.store, self.output, self.link_mode, self.max_pixels, verify, logged=self.logged,
                               scope=scope)
         self._failing = self.last.failed_folders | (self._failing - scope if scope is not None else set())
