@@ -16,6 +16,7 @@ import pytest
 from organizer.encode import FaceRecord, PhotoResult
 from organizer.output import DOUBTFUL, folder_name, reconcile, tree_scope
 from organizer.store import FaceClustering, PhotoFile, Store
+from organizer.tree import OutputTree
 
 from .test_output import _copy_store
 
@@ -202,3 +203,32 @@ def test_writes_of_another_connection_mean_everything(dev_library, tmp_path):
         finally:
             other.close()
         assert store.take_tree_changes().everything
+
+
+def test_an_entry_that_failed_is_tried_again_though_nothing_marks_its_folder(dev_library, tmp_path):
+    """Through OutputTree, as the service updates: a new photo whose file went before its link was
+    made fails; once the file is back, the next update makes the link (its folder is kept in scope)."""
+    out = tmp_path / "sorted"
+    with Store.open(_copy_store(dev_library, tmp_path)) as store:
+        tree = OutputTree(store, out, "hardlink", 100_000_000, lambda: None)
+        tree.update(verify=True)
+        old = store.faces_where("doubtful=0 and cluster_id is not null order by id", [])[0]
+        person = store.person(old.cluster_id)
+        folder = folder_name(person["id"], person["name"])
+        src = store.db.execute("select min(path) from photos where sha256=?", [old.sha256]).fetchone()[0]
+        copy = tmp_path / "new" / "aaa_new.jpg"
+        copy.parent.mkdir()
+        shutil.copy(src, copy)
+        face = FaceRecord(old.top, old.right, old.bottom, old.left, np.zeros(128), 100.0)
+        store.record_encoded(PhotoFile(str(copy), 1, 1.0), "f" * 64, PhotoResult(copy, 0, 0, [face]))
+        (fid,) = [f.id for f in store.faces_where("sha256=?", ["f" * 64])]
+        store.save_clustering({fid: FaceClustering(person["id"], False, None, person["id"])},
+                              {person["id"]: (person["size"] + 1, person["representative_face"])}, (),
+                              store.next_cluster_id())
+        copy.unlink()
+        failed = tree.update(verify=False)
+        assert failed.errors and folder in failed.failed_folders
+        assert not (out / folder / "aaa_new.jpg").exists()
+        shutil.copy(src, copy)
+        again = tree.update(verify=False)
+        assert again.errors == [] and (out / folder / "aaa_new.jpg").is_file()
