@@ -29,7 +29,7 @@ from PIL import Image
 
 from . import montage
 from .ingest import IngestError, upright_crop
-from .store import OUTPUT_ERRORS, Store, ChangedFolders
+from .store import OUTPUT_ERRORS, ChangedFolders, Store
 
 log = logging.getLogger(__name__)
 

@@ -384,15 +384,16 @@ class Store:
 
     def _touch_assignments(self, assignments: dict[int, FaceClustering]) -> None:
         """Mark the old and new folder of every face whose place changes."""
-        ids = sorted(assignments)
-        for chunk in _chunks(ids):
+        people: set[int | None] = set()
+        for chunk in _chunks(sorted(assignments)):
             for fid, cid, doubtful, near in self.db.execute(
                     f"select id, cluster_id, doubtful, nearest_cluster from faces"
                     f" where id in ({','.join('?' * len(chunk))})", chunk).fetchall():
                 new = assignments[fid]
                 if (cid, bool(doubtful), near) != (new[0], bool(new[1]), new[3]):
-                    self._touch_people([cid, new[0]])
+                    people |= {cid, new[0]}
                     self._changes.doubtful |= bool(doubtful) or bool(new[1])
+        self._touch_people(people)
 
     # ---- photos --------------------------------------------------------------------------
     def has_photos(self) -> bool:
