@@ -232,3 +232,15 @@ def test_an_entry_that_failed_is_tried_again_though_nothing_marks_its_folder(dev
         shutil.copy(src, copy)
         again = tree.update(verify=False)
         assert again.errors == [] and (out / folder / "aaa_new.jpg").is_file()
+
+
+def test_manifest_of_some_folders_holds_names_that_are_not_utf8(tmp_path):
+    """A folder's manifest rows are a key range, as text and as BLOB (a photo name that is not UTF-8)."""
+    with Store.open(tmp_path / "organizer.db") as store:
+        for rp in ["Ann/a.jpg", "Ann/caf\udce9.jpg", "Ann/faces/x.jpg", "Anna/b.jpg", "Ann0/c.jpg", "An/d.jpg",
+                   "Bob/caf\udce9.jpg", "Ann"]:
+            store.manifest_add(rp, "link", "/photos/" + rp)
+        got, _ = store.manifest({"Ann", "Bob"})
+        assert sorted(got) == sorted(["Ann/a.jpg", "Ann/caf\udce9.jpg", "Ann/faces/x.jpg", "Bob/caf\udce9.jpg"])
+        assert got["Ann/caf\udce9.jpg"] == ("link", "/photos/Ann/caf\udce9.jpg")
+        assert len(store.manifest()[0]) == 8
