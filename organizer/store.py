@@ -6,6 +6,10 @@ known people's reference faces), are the only code that writes SQL. The service 
 result, each removal and each clustering update is committed in one transaction, so killing the
 process at any moment leaves a consistent database that the next start resumes from. Opening
 and locking the file: storefile.py.
+
+The writers of a handle also note which person folders of the output tree they change
+(:class:`ChangedFolders`, taken by :meth:`Store.take_tree_changes`), so the service's tree update
+after a batch reconciles only those; what is not tracked marks everything.
 """
 
 from __future__ import annotations
