@@ -378,10 +378,12 @@ class Store:
         shas = sorted({s for s in shas if s is not None})
         for chunk in _chunks(shas):
             marks = ",".join("?" * len(chunk))
-            for cid, doubtful in self.db.execute(
-                    f"select distinct cluster_id, doubtful from faces where sha256 in ({marks})", chunk).fetchall():
-                self._touch_people([cid])
-                self._changes.doubtful |= bool(doubtful)
+            places = self.db.execute(
+                f"select distinct cluster_id, doubtful from faces where sha256 in ({marks})", chunk).fetchall()
+            if not places:  # (new content: its faces are not placed yet)
+                continue
+            self._touch_people([cid for cid, _ in places])
+            self._changes.doubtful |= any(doubtful for _, doubtful in places)
             self._changes.people.update(self.db.execute(  # a representative crop is made from the first path
                 f"select id, name from clusters where representative_face in"
                 f" (select id from faces where sha256 in ({marks}))", chunk).fetchall())
