@@ -266,7 +266,8 @@ class ChangedFolders:
     everything: bool = False
 
 
-def _chunks(values: list, size: int = 500) -> Iterator[list]:
+def chunks(values: list, size: int = 500) -> Iterator[list]:
+    """``values`` in slices of ``size``: an ``in (?, ...)`` list stays under SQLite's variable limit."""
     for start in range(0, len(values), size):
         yield values[start : start + size]
 
@@ -367,7 +368,7 @@ class Store:
     def _touch_people(self, ids: Iterable[int | None]) -> None:
         """Mark the folders of these people (under their current names)."""
         ids = sorted({i for i in ids if i is not None})
-        for chunk in _chunks(ids):
+        for chunk in chunks(ids):
             self._changes.people.update(
                 (cid, name) for cid, name in
                 self.db.execute(f"select id, name from clusters where id in ({','.join('?' * len(chunk))})", chunk))
@@ -376,7 +377,7 @@ class Store:
         """Mark the folders that link a photo of these contents (or crop one of its faces): a path
         of it came or went."""
         shas = sorted({s for s in shas if s is not None})
-        for chunk in _chunks(shas):
+        for chunk in chunks(shas):
             marks = ",".join("?" * len(chunk))
             places = self.db.execute(
                 f"select distinct cluster_id, doubtful from faces where sha256 in ({marks})", chunk).fetchall()
@@ -391,7 +392,7 @@ class Store:
     def _touch_assignments(self, assignments: dict[int, FaceClustering]) -> None:
         """Mark the old and new folder of every face whose place changes."""
         people: set[int | None] = set()
-        for chunk in _chunks(sorted(assignments)):
+        for chunk in chunks(sorted(assignments)):
             for fid, cid, doubtful, near in self.db.execute(
                     f"select id, cluster_id, doubtful, nearest_cluster from faces"
                     f" where id in ({','.join('?' * len(chunk))})", chunk).fetchall():
@@ -413,8 +414,7 @@ class Store:
             return {py_text(r[0]): PhotoState(*r[1:]) for r in self.db.execute(sql)}
         keys = [db_text(str(p)) for p in paths]
         out = {}
-        for start in range(0, len(keys), 500):
-            chunk = keys[start : start + 500]
+        for chunk in chunks(keys):
             rows = self.db.execute(f"{sql} where path in ({','.join('?' * len(chunk))})", chunk)
             out.update({py_text(r[0]): PhotoState(*r[1:]) for r in rows})
         return out
@@ -527,8 +527,7 @@ class Store:
         """The given faces (those that exist), in id order."""
         ids = list(ids)
         rows = []
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
+        for chunk in chunks(ids):
             rows += self.db.execute(
                 f"{_FACE_VECTORS} where id in ({','.join('?' * len(chunk))}) order by id",
                 chunk,
@@ -644,7 +643,7 @@ class Store:
             rows = self.db.execute(f"{self._PHOTOS_OF_FACES} order by p.path, f.idx")
         else:
             found = []
-            for chunk in _chunks(sorted(set(shas))):
+            for chunk in chunks(sorted(set(shas))):
                 found += self.db.execute(
                     f"select p.path, f.idx, f.id, f.sha256 from photos p join faces f on f.sha256 = p.sha256"
                     f" where +p.status='ok' and p.sha256 in ({','.join('?' * len(chunk))})", chunk).fetchall()
@@ -658,7 +657,7 @@ class Store:
         if ``doubtful``, in id order."""
         ids = sorted(set(ids))
         out = []
-        for chunk in _chunks(ids):
+        for chunk in chunks(ids):
             out += self.faces_where(f"cluster_id in ({','.join('?' * len(chunk))}) and doubtful=0", chunk)
         if doubtful:
             out += self.faces_where("doubtful=1", [])  # by the partial index of doubtful faces

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .store import FaceClustering, Store
+from .store import FaceClustering, Store, chunks
 
 
 @dataclass
@@ -51,8 +51,7 @@ class CorrectionLog:
                 [kind, person, other, name, None if before is None else json.dumps(before), source, time.time()])
             cid = cur.lastrowid
             faces = [int(f) for f in faces]
-            for start in range(0, len(faces), 500):
-                chunk = faces[start : start + 500]
+            for chunk in chunks(faces):
                 self.db.execute(
                     "insert into correction_faces (correction, sha256, idx) select ?, sha256, idx from faces"
                     f" where id in ({','.join('?' * len(chunk))})", [cid, *chunk])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
-from .store import OUTPUT_ERRORS, TREE_UNCLEAR, Face, Store, py_text
+from .store import OUTPUT_ERRORS, TREE_UNCLEAR, Face, Store, chunks, py_text
 
 
 class ReviewQueries:
@@ -145,8 +145,7 @@ class ReviewQueries:
         """sha256 -> the first path (in path order) of an ok photo with that content."""
         out: dict[str, str] = {}
         shas = list(dict.fromkeys(shas))
-        for start in range(0, len(shas), 500):
-            chunk = shas[start : start + 500]
+        for chunk in chunks(shas):
             rows = self.db.execute(
                 f"select sha256, min(path) from photos where sha256 in ({','.join('?' * len(chunk))})"
                 " and +status = 'ok' group by sha256", chunk)
