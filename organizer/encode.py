@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from .ingest import IngestError, load_for_detection
+from .ingest import IngestError, crop_region, frame_crop, load_for_detection
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,10 @@ class FaceRecord:
     left: int
     encoding: np.ndarray  # float64, shape (128,)
     sharpness: float  # variance of the Laplacian on the face, a blur measure
+    # the output's face crop (ingest.crop_region) as JPEG, cut from the frame this worker decoded,
+    # so the writer need not decode the original again for representatives and montages; None
+    # when the frame is too small for it there
+    crop: bytes | None = None
 
     @property
     def size(self) -> int:
@@ -295,20 +300,31 @@ def analyze_photo(path: Path, settings: DetectionSettings, data: bytes | None = 
     encodings = encode_faces(img, boxes, settings)
     faces = []
     s = prepared.scale
+    frame = None
     for (top, right, bottom, left), enc in zip(boxes, encodings):
         crop = img[max(top, 0) : bottom, max(left, 0) : right].mean(axis=2)  # gray, the face only
-        faces.append(
-            FaceRecord(
-                top=max(0, round(top * s)),
-                right=min(prepared.width, round(right * s)),
-                bottom=min(prepared.height, round(bottom * s)),
-                left=max(0, round(left * s)),
-                encoding=np.asarray(enc, dtype=np.float64),
-                sharpness=_sharpness(crop),
-            )
+        face = FaceRecord(
+            top=max(0, round(top * s)),
+            right=min(prepared.width, round(right * s)),
+            bottom=min(prepared.height, round(bottom * s)),
+            left=max(0, round(left * s)),
+            encoding=np.asarray(enc, dtype=np.float64),
+            sharpness=_sharpness(crop),
         )
+        if frame is None:
+            frame = Image.fromarray(img, "RGB")
+        face.crop = _jpeg(frame_crop(frame, crop_region((face.top, face.right, face.bottom, face.left)), s))
+        faces.append(face)
     faces.sort(key=lambda f: (f.left, f.top))
     return PhotoResult(path=path, width=prepared.width, height=prepared.height, faces=faces)
+
+
+def _jpeg(im) -> bytes | None:
+    if im is None:
+        return None
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
 
 
 def _exit_with_parent(parent: int) -> None:

@@ -253,6 +253,34 @@ def load_for_detection(path: Path | BinaryIO, max_side: int, max_pixels: int) ->
     return Prepared(pixels=pixels, scale=scale, width=full_w, height=full_h)
 
 
+CROP_MARGIN = 0.35  # extra space around a face box in the output's crops, as a share of its size
+CROP_SIZE = 256  # longest side of a face crop (representative.jpg; montage cells are scaled from it)
+
+
+def crop_region(box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """The region (left, top, right, bottom) a face crop shows for a face ``box`` (top, right,
+    bottom, left): the box with CROP_MARGIN around it."""
+    top, right, bottom, left = box
+    m = int(max(bottom - top, right - left) * CROP_MARGIN)
+    return left - m, top - m, right + m, bottom + m
+
+
+def frame_crop(frame: Image.Image, region: tuple[int, int, int, int], scale: float) -> Image.Image | None:
+    """The crop of ``region`` (full-size pixels) from an already decoded ``frame`` (full size / ``scale``),
+    as upright_crop would give it; None when the frame holds fewer pixels there than the crop
+    needs (a small face in a downscaled frame: decode the original instead)."""
+    left, top, right, bottom = region
+    box = (max(0, round(left / scale)), max(0, round(top / scale)),
+           min(frame.width, round(right / scale)), min(frame.height, round(bottom / scale)))
+    if box[2] <= box[0] or box[3] <= box[1]:
+        return None
+    if scale > 1 and max(box[2] - box[0], box[3] - box[1]) < CROP_SIZE:
+        return None
+    crop = frame.crop(box)
+    crop.thumbnail((CROP_SIZE, CROP_SIZE), Image.Resampling.LANCZOS)
+    return crop
+
+
 def open_upright(path: Path, max_pixels: int) -> Image.Image:
     """Full-size RGB image with EXIF orientation applied (degraded copies for `evaluate --perturb`)."""
     return Image.fromarray(load_for_detection(path, 1 << 30, max_pixels).pixels, "RGB")

@@ -16,27 +16,28 @@ file the organizer would later mistake for someone else's.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import logging
 import os
 import re
 import shutil
-from collections import Counter, defaultdict
+import threading
+from collections import Counter, OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
 from . import montage
-from .ingest import IngestError, upright_crop
+from .ingest import CROP_SIZE, IngestError, crop_region, upright_crop
 from .store import OUTPUT_ERRORS, ChangedFolders, Store
 
 log = logging.getLogger(__name__)
 
 DOUBTFUL = "doubtful"
 REPRESENTATIVE = "representative.jpg"
-CROP_MARGIN = 0.35  # extra space around the face box, as a share of its size
-CROP_SIZE = 256
+CROP_CACHE = 256  # face crops kept decoded (each at most CROP_SIZE square: ~50 MB in all)
 
 
 @dataclass
@@ -227,10 +228,67 @@ def _is_ours(dst: Path, ident: str | None) -> bool:
 
 def face_crop(path: Path, box: tuple[int, int, int, int], max_pixels: int, size: int = CROP_SIZE) -> Image.Image:
     """The face at ``box`` (top, right, bottom, left) with a margin, at most ``size`` pixels
-    (decoded only at the resolution it needs)."""
-    top, right, bottom, left = box
-    m = int(max(bottom - top, right - left) * CROP_MARGIN)
-    return upright_crop(Path(path), (left - m, top - m, right + m, bottom + m), size, max_pixels)
+    (decoded only at the resolution it needs). Smaller sizes (montage cells) are scaled from the
+    ``CROP_SIZE`` crop, so a face's representative and its montage cell share one decode."""
+    key = FaceCrops.key(path, box)
+    crop = CROPS.get(key)
+    if crop is None:
+        crop = upright_crop(Path(path), crop_region(box), CROP_SIZE, max_pixels)
+        CROPS.put(key, crop)
+    crop = crop.copy()  # callers own what they get; the cached one stays as it is
+    if max(crop.size) > size:
+        crop.thumbnail((size, size), Image.Resampling.LANCZOS)
+    return crop
+
+
+class FaceCrops:
+    """The face crops made or received last, so the original is not decoded again for them.
+
+    A tree update asks for the same face several times (its representative, its montage cell,
+    each montage made again as a person grows), and the encoder already had the photo decoded
+    (FaceRecord.crop). By hand rather than functools.lru_cache because the writer puts the
+    encoder's crops in before anyone asks. Keyed by the file's identity too: a replaced photo is
+    decoded again."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._items: OrderedDict[tuple, Image.Image] = OrderedDict()
+        self._lock = threading.Lock()  # the review page's threads read crops too
+
+    @staticmethod
+    def key(path, box) -> tuple | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return (str(path), tuple(int(v) for v in box), st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def get(self, key: tuple | None) -> Image.Image | None:
+        with self._lock:
+            crop = self._items.get(key) if key is not None else None
+            if crop is not None:
+                self._items.move_to_end(key)
+            return crop
+
+    def put(self, key: tuple | None, crop: Image.Image) -> None:
+        if key is None:
+            return
+        with self._lock:
+            self._items[key] = crop
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def receive(self, path: Path, faces) -> None:
+        """Keep the crops an encoder sent with a photo's faces (FaceRecord.crop)."""
+        for f in faces:
+            if f.crop:
+                with Image.open(io.BytesIO(f.crop)) as im:
+                    im.load()
+                    self.put(self.key(path, (f.top, f.right, f.bottom, f.left)), im.convert("RGB"))
+
+
+CROPS = FaceCrops(CROP_CACHE)
 
 
 def _write_crop(source: str, dst: Path, max_pixels: int, kind: str = "crop") -> None:

@@ -22,6 +22,7 @@ from .known import KnownPeople
 from .layout import Layout, WatchState
 from .library import Library
 from .reencode import EncodingUpgrade
+from .output import CROPS
 from .store import PhotoFile, Store
 from .tree import OutputTree
 
@@ -232,6 +233,7 @@ class Organizer:
                     self.library.fail(result.path, result.error, report, size, mtime, settle_seconds)
                 else:
                     self.store.record_encoded(PhotoFile(str(result.path), size, mtime), sha, result)
+                    CROPS.receive(result.path, result.faces)
                     report.encoded += 1
                     log.info("encoded %s: %d face(s)", result.path, len(result.faces))
                 tick()
