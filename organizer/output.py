@@ -60,9 +60,13 @@ def folder_name(cluster_id: int, name: str | None) -> str:
 
 
 _UNSAFE = re.compile(r"[/\\\x00-\x1f]")
-# Bytes in one file name (ext4, xfs, btrfs, tmpfs: 255; UTF-8 letters take 2-4), less room for the
-# temporary ".<name>.tmp" a crop or a copy is first written to.
+# Bytes in one file name (ext4, xfs, btrfs, tmpfs: 255; UTF-8 letters take 2-4), less the room a
+# temporary ".<name>.tmp" once took (kept so that names made before stay the same).
 NAME_MAX = 255 - len("..tmp")
+# A crop or a copy is written under this name in its folder, then renamed into place: one name
+# per folder (the writer writes one file at a time), so one a kill -9 left behind is overwritten
+# by the next write there and removed by the next full check (the name is the organizer's alone).
+TMP_NAME = ".organizer-write.tmp"
 
 
 def _fit(stem: str, tail: str = "", limit: int = NAME_MAX) -> str:
@@ -298,13 +302,24 @@ def _write_crop(source: str, dst: Path, max_pixels: int, kind: str = "crop") -> 
         # "<face id>|<path>|<box>": the path itself may hold "|"
         path, box = source.split("|", 1)[1].rsplit("|", 1)
         crop = face_crop(Path(path), tuple(int(v) for v in box.split(",")), max_pixels)
-    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp = dst.with_name(TMP_NAME)
     try:
         crop.save(tmp, "JPEG", quality=90)
         os.replace(tmp, dst)
     except BaseException:
         _discard(tmp)  # a full disk must not leave half a crop behind
         raise
+
+
+def _discard_temporaries(output: Path, folders: set[Path]) -> None:
+    """Remove the TMP_NAME files a killed writer left in ``folders`` and the top-level folders
+    (one it left in a folder whose entries have gone since is found there)."""
+    try:
+        top = [Path(e.name) for e in os.scandir(output) if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        top = []
+    for folder in {Path("."), Path(DOUBTFUL, "faces"), *folders, *top}:
+        _discard(output / folder / TMP_NAME)
 
 
 def _discard(tmp: Path) -> None:
@@ -347,7 +362,7 @@ def _place_link(source: str, dst: Path, link_mode: str) -> str:
             if exc.errno not in (errno.EPERM, errno.ENOTSUP):
                 raise
             _warn_once(f"symlink:{exc.errno}", "cannot symlink %s (%s); copying instead%s", source, exc.strerror)
-    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp = dst.with_name(TMP_NAME)
     try:
         shutil.copy2(source, tmp)
         os.replace(tmp, dst)
@@ -475,6 +490,8 @@ def reconcile(store: Store, output: Path, link_mode: str = "hardlink", max_pixel
     # 3. remove folders left empty (only those that can hold our entries)
     # (``verify``: every folder that can hold our entries; otherwise those an entry left just now)
     folders = {Path(rp).parent for rp in (list(manifest) if verify else []) + stale}
+    if verify:
+        _discard_temporaries(output, folders)
     for folder in sorted(folders, key=lambda p: -len(p.parts)):
         d = output / folder
         try:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from organizer.output import reconcile
+from organizer.output import TMP_NAME, reconcile
 from organizer.store import Store
 
 
@@ -104,3 +104,25 @@ def test_names_made_from_long_names_fit_the_file_system(tmp_path):
     crops = list((output / "doubtful" / "faces").iterdir())  # one photo of a person: doubtful
     assert len(crops) == 1 and crops[0].name.endswith("_face1_nearest_nobody.jpg")
     assert (output / "doubtful" / long_name).exists()
+
+
+def test_a_full_update_removes_the_temporary_a_killed_writer_left(dev_library, tmp_path):
+    """A crop is written under TMP_NAME in its folder, then renamed; kill -9 between the two leaves
+    it. The next full update removes it (also from a folder whose entries have gone since), and
+    nothing else of what people put there."""
+    out = tmp_path / "sorted"
+    with Store.open(_copy_store(dev_library, tmp_path)) as store:
+        reconcile(store, out)
+        person = next(p for p in sorted(out.iterdir()) if p.name.startswith("cluster_"))
+        theirs = [person / ".notes.tmp", person / "mine.txt"]
+        gone = out / "cluster_999"  # a person folder emptied since, but for the leftover
+        gone.mkdir()
+        left = [person / TMP_NAME, out / "doubtful" / "faces" / TMP_NAME, gone / TMP_NAME, out / TMP_NAME]
+        for p in theirs + left:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(b"\xff\xd8 half a crop")
+        reconcile(store, out, verify=False)
+        assert all(p.exists() for p in left)  # the per-batch update trusts the tree
+        reconcile(store, out)
+        assert not any(p.exists() for p in left)
+        assert all(p.exists() for p in theirs)
