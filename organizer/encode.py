@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .ingest import IngestError, crop_region, frame_crop, load_for_detection
+from .ingest import IngestError, crop_region, frame_crop, jpeg_bytes, load_for_detection
 
 log = logging.getLogger(__name__)
 
@@ -313,18 +313,11 @@ def analyze_photo(path: Path, settings: DetectionSettings, data: bytes | None = 
         )
         if frame is None:
             frame = Image.fromarray(img, "RGB")
-        face.crop = _jpeg(frame_crop(frame, crop_region((face.top, face.right, face.bottom, face.left)), s))
+        cut = frame_crop(frame, crop_region((face.top, face.right, face.bottom, face.left)), s)
+        face.crop = jpeg_bytes(cut) if cut is not None else None
         faces.append(face)
     faces.sort(key=lambda f: (f.left, f.top))
     return PhotoResult(path=path, width=prepared.width, height=prepared.height, faces=faces)
-
-
-def _jpeg(im) -> bytes | None:
-    if im is None:
-        return None
-    buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=90)
-    return buf.getvalue()
 
 
 def _exit_with_parent(parent: int) -> None:

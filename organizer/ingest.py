@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import io
 import math
 import os
 import stat
@@ -279,6 +280,13 @@ def frame_crop(frame: Image.Image, region: tuple[int, int, int, int], scale: flo
     crop = frame.crop(box)
     crop.thumbnail((CROP_SIZE, CROP_SIZE), Image.Resampling.LANCZOS)
     return crop
+
+
+def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
+    """``image`` as JPEG file bytes (crops sent between processes, kept in memory or served)."""
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
 
 
 def open_upright(path: Path, max_pixels: int) -> Image.Image:

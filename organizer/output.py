@@ -30,14 +30,14 @@ from pathlib import Path
 from PIL import Image
 
 from . import montage
-from .ingest import CROP_SIZE, IngestError, crop_region, upright_crop
+from .ingest import CROP_SIZE, IngestError, crop_region, jpeg_bytes, upright_crop
 from .store import OUTPUT_ERRORS, ChangedFolders, Store
 
 log = logging.getLogger(__name__)
 
 DOUBTFUL = "doubtful"
 REPRESENTATIVE = "representative.jpg"
-CROP_CACHE = 256  # face crops kept decoded (each at most CROP_SIZE square: ~50 MB in all)
+CROP_CACHE = 16 << 20  # bytes of face crops kept as JPEG (~15 KB each: about a thousand)
 
 
 @dataclass
@@ -234,15 +234,41 @@ def face_crop(path: Path, box: tuple[int, int, int, int], max_pixels: int, size:
     """The face at ``box`` (top, right, bottom, left) with a margin, at most ``size`` pixels
     (decoded only at the resolution it needs). Smaller sizes (montage cells) are scaled from the
     ``CROP_SIZE`` crop, so a face's representative and its montage cell share one decode."""
-    key = FaceCrops.key(path, box)
-    crop = CROPS.get(key)
+    crop = CROPS.get(path, box)
     if crop is None:
         crop = upright_crop(Path(path), crop_region(box), CROP_SIZE, max_pixels)
-        CROPS.put(key, crop)
-    crop = crop.copy()  # callers own what they get; the cached one stays as it is
+        CROPS.put(path, box, crop)
     if max(crop.size) > size:
         crop.thumbnail((size, size), Image.Resampling.LANCZOS)
     return crop
+
+
+class CropCache:
+    """JPEG bytes of images made lately, at most ``limit`` bytes, least recently used out first
+    (the review page's images; the writer's face crops, in FaceCrops)."""
+
+    def __init__(self, limit: int = 64 << 20):
+        self.limit = limit
+        self._items: OrderedDict[tuple, bytes] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()  # the review page's threads share them
+
+    def get(self, key: tuple) -> bytes | None:
+        with self._lock:
+            data = self._items.get(key)
+            if data is not None:
+                self._items.move_to_end(key)
+            return data
+
+    def put(self, key: tuple, data: bytes) -> None:
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = data
+            self._size += len(data)
+            while self._size > self.limit and self._items:
+                _, old = self._items.popitem(last=False)
+                self._size -= len(old)
 
 
 class FaceCrops:
@@ -250,46 +276,41 @@ class FaceCrops:
 
     A tree update asks for the same face several times (its representative, its montage cell,
     each montage made again as a person grows), and the encoder already had the photo decoded
-    (FaceRecord.crop). By hand rather than functools.lru_cache because the writer puts the
-    encoder's crops in before anyone asks. Keyed by the file's identity too: a replaced photo is
-    decoded again."""
+    (FaceRecord.crop, kept as the JPEG it came as and decoded only when asked for). Keyed by the
+    file's identity too: a replaced photo is decoded again."""
 
-    def __init__(self, size: int):
-        self.size = size
-        self._items: OrderedDict[tuple, Image.Image] = OrderedDict()
-        self._lock = threading.Lock()  # the review page's threads read crops too
+    def __init__(self, limit: int):
+        self._jpegs = CropCache(limit)
 
     @staticmethod
-    def key(path, box) -> tuple | None:
+    def _key(path, box) -> tuple | None:
         try:
             st = os.stat(path)
         except OSError:
             return None
         return (str(path), tuple(int(v) for v in box), st.st_ino, st.st_size, st.st_mtime_ns)
 
-    def get(self, key: tuple | None) -> Image.Image | None:
-        with self._lock:
-            crop = self._items.get(key) if key is not None else None
-            if crop is not None:
-                self._items.move_to_end(key)
-            return crop
+    def get(self, path, box) -> Image.Image | None:
+        key = self._key(path, box)
+        data = self._jpegs.get(key) if key is not None else None
+        if data is None:
+            return None
+        with Image.open(io.BytesIO(data)) as im:
+            return im.convert("RGB")
 
-    def put(self, key: tuple | None, crop: Image.Image) -> None:
-        if key is None:
-            return
-        with self._lock:
-            self._items[key] = crop
-            self._items.move_to_end(key)
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
+    def put(self, path, box, crop: Image.Image) -> None:
+        self._keep(path, box, jpeg_bytes(crop))
 
     def receive(self, path: Path, faces) -> None:
         """Keep the crops an encoder sent with a photo's faces (FaceRecord.crop)."""
         for f in faces:
             if f.crop:
-                with Image.open(io.BytesIO(f.crop)) as im:
-                    im.load()
-                    self.put(self.key(path, (f.top, f.right, f.bottom, f.left)), im.convert("RGB"))
+                self._keep(path, (f.top, f.right, f.bottom, f.left), f.crop)
+
+    def _keep(self, path, box, data: bytes) -> None:
+        key = self._key(path, box)
+        if key is not None:
+            self._jpegs.put(key, data)
 
 
 CROPS = FaceCrops(CROP_CACHE)

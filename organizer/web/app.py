@@ -14,12 +14,10 @@ integers, and anything else is a 400 or a 404 before the store is touched.
 
 from __future__ import annotations
 
-import io
 import logging
 import re
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,8 +34,8 @@ from starlette.templating import Jinja2Templates
 
 from ..config import Settings
 from ..corrections import CorrectionError, Corrections, describe, record
-from ..ingest import IngestError, open_upright
-from ..output import face_crop, folder_name
+from ..ingest import IngestError, jpeg_bytes, open_upright
+from ..output import CropCache, face_crop, folder_name
 from ..store import Face, Store, StoreError
 from ..store_review import ReviewQueries
 from .security import LOGIN, Guard, Secrets, give_cookie, same
@@ -51,40 +49,6 @@ DOUBTFUL_PER_PAGE = 90
 PHOTO_SIDE = 1600  # a whole photo is shown at most this many pixels a side
 IMAGE_CACHE = "private, max-age=3600"  # face ids are never reused: a face's crop never changes
 _BACK = re.compile(r"/[A-Za-z0-9_/?=&%-]*")  # where a form returns to: a path of this page
-
-
-class CropCache:
-    """JPEG bytes of the images served lately, at most ``limit`` bytes, least recently used out
-    first: paging back and forth does not decode the originals again."""
-
-    def __init__(self, limit: int = 64 << 20):
-        self.limit = limit
-        self._items: OrderedDict[tuple, bytes] = OrderedDict()
-        self._size = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple) -> bytes | None:
-        with self._lock:
-            data = self._items.get(key)
-            if data is not None:
-                self._items.move_to_end(key)
-            return data
-
-    def put(self, key: tuple, data: bytes) -> None:
-        with self._lock:
-            if key in self._items:
-                return
-            self._items[key] = data
-            self._size += len(data)
-            while self._size > self.limit and self._items:
-                _, old = self._items.popitem(last=False)
-                self._size -= len(old)
-
-
-def _jpeg(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, "JPEG", quality=88)
-    return buf.getvalue()
 
 
 def _int(value: str | None, what: str, minimum: int = 1) -> int:
@@ -262,10 +226,10 @@ class Review:
         original read-only; nothing is ever written next to it."""
         max_pixels = self.settings.detection.max_pixels
         if not whole:
-            return _jpeg(face_crop(path, (face.top, face.right, face.bottom, face.left), max_pixels))
+            return jpeg_bytes(face_crop(path, (face.top, face.right, face.bottom, face.left), max_pixels), 88)
         image = open_upright(path, max_pixels)
         image.thumbnail((PHOTO_SIDE, PHOTO_SIDE))
-        return _jpeg(image)
+        return jpeg_bytes(image, 88)
 
     # ---- actions (each one correction of organizer.corrections) --------------------------
     def _person(self, request: Request) -> dict:
