@@ -300,7 +300,7 @@ def test_service_rename_reject_hide_hold_through_new_photos_and_recluster(tmp_pa
         }
         for kind in reversed(kinds):
             cli(lib, "undo")
-            _wait(lambda: undone[kind](layout(out)), 30, f"the {kind} undone")
+            _wait(lambda: undone[kind](layout(out)), 60, f"the {kind} undone")
         time.sleep(2)  # the tree watcher has seen the organizer's own changes: no new correction
         rows = corrections(lib)
         assert [r["kind"] for r in rows] == kinds and all(r["undone"] for r in rows)
