@@ -329,6 +329,8 @@ def _exit_with_parent(parent: int) -> None:
     import select
     import threading
 
+    first_parent = os.getppid()  # the organizer when spawned; the fork server when forked by it
+
     def alive() -> bool:
         try:
             os.kill(parent, 0)
@@ -336,7 +338,7 @@ def _exit_with_parent(parent: int) -> None:
             return False
         except OSError:
             pass  # e.g. EPERM: it exists
-        return os.getppid() != 1
+        return os.getppid() == first_parent  # a spawned worker is handed to init when its parent dies
 
     def watch() -> None:
         try:
