@@ -11,6 +11,7 @@ import concurrent.futures as cf
 import io
 import logging
 import multiprocessing
+import multiprocessing.forkserver
 import multiprocessing.util
 import os
 import stat
@@ -392,18 +393,19 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     a threaded process can deadlock the child. Where the platform has it, a fork server: a fresh
     single-threaded process that loads the face models once (~100 MB, over a second of CPU) and
     forks every worker from that state, so workers start at once and share the models' memory;
-    otherwise (Windows, macOS' default), or when there is no writable temporary folder for the
-    server's socket, spawn, where each worker loads its own."""
+    otherwise (Windows, macOS' default), or when the server cannot be started (no writable
+    temporary folder for its socket, or one whose path is too long for a socket), spawn, where
+    each worker loads its own."""
     if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        # "__main__" too: a worker otherwise imports the command's script again, as under spawn
+        ctx.set_forkserver_preload(["__main__", "organizer.encode_preload"])
         try:
-            multiprocessing.util.get_temp_dir()  # the folder the server's socket will be made in
+            multiprocessing.util.get_temp_dir()  # the folder the server's socket is made in
+            multiprocessing.forkserver.ensure_running()  # binds the socket; the models load in the server
         except OSError as exc:
-            log.info("the encoder processes load their models one by one: no temporary folder for a "
-                     "fork server (%s)", exc)
+            log.info("the encoder processes load their models one by one: cannot start a fork server (%s)", exc)
         else:
-            ctx = multiprocessing.get_context("forkserver")
-            # "__main__" too: a worker otherwise imports the command's script again, as under spawn
-            ctx.set_forkserver_preload(["__main__", "organizer.encode_preload"])
             return ctx
     return multiprocessing.get_context("spawn")
 

@@ -215,8 +215,33 @@ def test_the_pool_encodes_as_the_calling_process_does(temp_writable, monkeypatch
     finally:
         pool.close()
     assert (os.getpid() in parents) is not temp_writable, parents  # spawned: our children; forked: the server's
-    assert ("no temporary folder for a fork server" in caplog.text) is not temp_writable
+    assert ("cannot start a fork server" in caplog.text) is not temp_writable
     for p in photos:
         here = analyze_photo(p, settings)
         assert len(got[p].faces) == len(here.faces) == 1
         np.testing.assert_allclose(got[p].faces[0].encoding, here.faces[0].encoding, atol=1e-9)
+
+
+def test_a_temporary_folder_too_long_for_a_socket_means_spawned_workers(tmp_path):
+    """A TMPDIR whose path leaves no room for the fork server's socket name (AF_UNIX paths are
+    ~100 characters at most) must not stop the encoders: they are spawned instead, and encode."""
+    import subprocess
+    import sys
+
+    deep = tmp_path / ("x" * 60) / ("y" * 60)
+    deep.mkdir(parents=True)
+    photo = sorted((DEV / "Jerry_Seinfeld").iterdir())[0]
+    code = (
+        "import logging, sys\n"
+        "logging.basicConfig(level=logging.INFO)\n"
+        "from organizer.encode import DetectionSettings, EncoderPool\n"
+        "pool = EncoderPool(DetectionSettings(), workers=1)\n"
+        f"[r] = pool.map([{str(photo)!r}])\n"
+        "pool.close()\n"
+        "print(len(r.faces), r.error)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TMPDIR": str(deep)},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "cannot start a fork server" in run.stderr and "too long" in run.stderr
+    assert run.stdout.split() == ["1", "None"]
