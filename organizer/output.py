@@ -202,12 +202,29 @@ def _crop_source(face, path: str) -> str:
     return f"{face.id}|{path}|{face.top},{face.right},{face.bottom},{face.left}"
 
 
-def entry_ident(dst: Path) -> str:
-    """What identifies the entry we created: the symlink target, or device:inode of the file."""
+def entry_ident(dst: Path, kind: str = "link") -> str:
+    """What identifies the entry we created: the symlink target, or device:inode of the file. A
+    file of the organizer's own (a face crop, a montage) adds its size and mtime: its inode number,
+    freed when the user deletes it, is often given to the next file made, maybe the user's, which
+    must not pass for the entry. (A hard link's inode lives on in the original; an edit of the
+    original in place keeps the link the original's.)"""
     if dst.is_symlink():
         return "symlink:" + os.readlink(dst)
     st = dst.lstat()
-    return f"inode:{st.st_dev}:{st.st_ino}"
+    ident = f"inode:{st.st_dev}:{st.st_ino}"
+    return ident if kind == "link" else f"{ident}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def ident_key(ident: str) -> str:
+    """What a file keeps when moved, whatever its kind: the symlink target, or device:inode."""
+    return ":".join(ident.split(":", 3)[:3]) if ident.startswith("inode:") else ident
+
+
+def same_file(dst: Path, ident: str) -> bool:
+    """Is the file at ``dst`` the one recorded as ``ident`` (by :func:`entry_ident`)? An identity
+    recorded without size and mtime (a store made before they were) is compared as it is."""
+    stamped = ident.startswith("inode:") and ident.count(":") > 2
+    return entry_ident(dst, "crop" if stamped else "link") == ident
 
 
 def _adoptable(dst: Path, kind: str, source: str) -> bool:
@@ -225,7 +242,7 @@ def _adoptable(dst: Path, kind: str, source: str) -> bool:
 def _is_ours(dst: Path, ident: str | None) -> bool:
     """Is the file at dst still the very entry we created (not replaced by a person)?"""
     try:
-        return ident is not None and entry_ident(dst) == ident
+        return ident is not None and same_file(dst, ident)
     except OSError:
         return False
 
@@ -470,9 +487,11 @@ def reconcile(store: Store, output: Path, link_mode: str = "hardlink", max_pixel
             exists = os.path.lexists(dst)  # never raises (a folder we may not enter: "missing")
             if relpath in manifest:
                 if exists and _is_ours(dst, idents.get(relpath)):
+                    if entry_ident(dst, kind) != idents[relpath]:  # recorded without size and mtime
+                        store.manifest_set_ident(relpath, entry_ident(dst, kind))
                     continue
                 if exists and idents.get(relpath) is None and _adoptable(dst, kind, source):
-                    store.manifest_set_ident(relpath, entry_ident(dst))
+                    store.manifest_set_ident(relpath, entry_ident(dst, kind))
                     continue
                 if exists:  # someone replaced our entry with their own file: theirs now
                     log.warning("leaving %s alone: it was replaced by someone else", dst)
@@ -491,7 +510,7 @@ def reconcile(store: Store, output: Path, link_mode: str = "hardlink", max_pixel
                 _place_link(source, dst, link_mode)
             else:
                 _write_crop(source, dst, max_pixels, kind)
-            store.manifest_set_ident(relpath, entry_ident(dst))
+            store.manifest_set_ident(relpath, entry_ident(dst, kind))
             report.created += 1
         except FileNotFoundError:
             # the original vanished since the last scan; the watcher will drop it from the store

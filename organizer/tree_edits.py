@@ -1,8 +1,8 @@
 """Tree edits: what the user did in the person folders, turned into corrections.
 
 The manifest (store table ``output_entries``) records every entry the organizer made with its
-identity (device:inode, or a symlink's target). Moving a link, or renaming the folder it is in,
-keeps that identity, so the tree compared with the manifest tells the user's changes apart:
+identity (device:inode, or a symlink's target; a crop's or montage's size and mtime too). Moving a
+link, or renaming the folder it is in, keeps that identity, so the tree compared with the manifest tells the user's changes apart:
 
 * an entry missing from its place and found elsewhere in the tree was *moved*;
 * one found nowhere was *deleted* (a link moved out of the tree, or to the trash, is deleted);
@@ -42,7 +42,7 @@ from PIL import Image
 
 from .corrections import CorrectionError, Corrections
 from .ingest import IngestError, open_regular
-from .output import DOUBTFUL, REPRESENTATIVE, entry_ident, folder_name, validate_person_name
+from .output import DOUBTFUL, entry_ident, folder_name, ident_key, same_file, validate_person_name
 from .store import TREE_UNCLEAR, Store
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class _Moved:
     relpath: str  # where the manifest says it was
     kind: str
     source: str
-    ident: str
+    ident: str  # as the manifest records it
     dest: str | None  # where it is now (None: deleted)
     put_back: bool = False  # the entry is in its place again (a tree update made it anew)
 
@@ -71,8 +71,8 @@ def _top(relpath: str) -> str:
 
 
 def _walk(output: Path, tops: Iterable[str] | None) -> dict[str, str]:
-    """relpath -> identity of every file under the given top-level folders (all: None), except
-    the store's folder and dot files (temporary files)."""
+    """relpath -> identity (:func:`ident_key`) of every file under the given top-level folders (all:
+    None), except the store's folder and dot files (temporary files)."""
     found: dict[str, str] = {}
     roots = [output] if tops is None else [output / t for t in tops]
     for root in roots:
@@ -125,19 +125,20 @@ class TreeEdits:
             kind, source = manifest[rp]
             # a deleted entry's inode number may be reused by a new file of the user's: a file with
             # the same identity counts as the entry moved only if it is still that entry
-            dests = [d for d in by_ident.get(idents[rp], []) if _still_entry(self.output / d, kind, source)]
+            key = ident_key(idents[rp])
+            dests = [d for d in by_ident.get(key, []) if _still_entry(self.output / d, kind, source, idents[rp])]
             # several candidates (one photo linked from several folders): the same name first
             dests.sort(key=lambda d: (d.rsplit("/", 1)[-1] != rp.rsplit("/", 1)[-1], d))
             dest = dests[0] if dests else None
             if dest is not None:
-                by_ident[idents[rp]].remove(dest)
+                by_ident[key].remove(dest)
             moved.append(_Moved(rp, kind, source, idents[rp], dest))
         # a file with the identity of an entry still in place: the entry was put back by a tree
         # update while the user moved it (or hard-linked it): the move counts, the entry goes
         present = defaultdict(list)
         for rp, ident in idents.items():
             if ident is not None and rp not in missing:
-                present[ident].append(rp)
+                present[ident_key(ident)].append(rp)
         for ident, dests in by_ident.items():
             for dest in list(dests):
                 srcs = [s for s in present.get(ident, []) if _top(s) != _top(dest) and manifest[s][0] == "link"]
@@ -174,13 +175,13 @@ class TreeEdits:
         """A representative or montage moved over another folder's own: the file there is still
         the organizer's (not a file of the user's, which would be left alone), so it is removed
         and the next tree update makes that folder's own again."""
-        gone = {idents[rp]: manifest[rp] for rp in missing if manifest[rp][0] != "link"}
-        for rp, ident in on_disk.items():
+        gone = {ident_key(idents[rp]): rp for rp in missing if manifest[rp][0] != "link"}
+        for rp, key in on_disk.items():
             entry = manifest.get(rp)
-            if entry is None or entry[0] == "link" or ident == idents.get(rp) or ident not in gone:
+            if entry is None or entry[0] == "link" or key not in gone or key == ident_key(idents.get(rp) or ""):
                 continue
-            kind, source = gone[ident]
-            if _still_entry(self.output / rp, kind, source):
+            kind, source = manifest[gone[key]]
+            if _still_entry(self.output / rp, kind, source, idents[gone[key]]):
                 try:
                     os.unlink(self.output / rp)
                     log.info("%s was replaced by another folder's %s: made again", rp, rp.rsplit("/", 1)[-1])
@@ -335,13 +336,17 @@ class TreeEdits:
                     self._keep_out.add(m.dest)
 
 
-def _still_entry(path: Path, kind: str, source: str) -> bool:
-    """Is the file at ``path`` (found with a missing entry's identity) that entry, moved? A link
-    is the original photo itself (a hard link) or as large as it (a symlink's target is its
-    identity; a copy); a face crop or montage is a JPEG image (the organizer writes no other)."""
+def _still_entry(path: Path, kind: str, source: str, ident: str) -> bool:
+    """Is the file at ``path`` (found with a missing entry's identity ``ident``, device:inode or
+    symlink target) that entry, moved? A link is the original photo itself (a hard link) or as large
+    as it (a symlink's target is its identity; a copy); a face crop or montage has the size and mtime
+    it was made with (a rename keeps them)."""
     try:
         if kind == "link":
             return path.is_symlink() or os.path.samefile(path, source) or _same_size(path, source)
+        if ident != ident_key(ident):
+            return same_file(path, ident)
+        # recorded before identities held size and mtime: a JPEG image (the organizer writes no other)
         with open_regular(path) as fh, Image.open(fh) as im:  # (a FIFO of the user's is not opened)
             return im.format == "JPEG"
     except (OSError, ValueError, IngestError):

@@ -126,3 +126,46 @@ def test_a_full_update_removes_the_temporary_a_killed_writer_left(dev_library, t
         reconcile(store, out)
         assert not any(p.exists() for p in left)
         assert all(p.exists() for p in theirs)
+
+
+@pytest.mark.parametrize("name", ["representative.jpg", "montage.jpg"])
+def test_a_users_file_given_a_deleted_entrys_inode_is_left_alone(dev_library, tmp_path, name):
+    """A representative or montage has an inode of its own: deleted by the user, its number is free,
+    and the next file made (here, the user's own photo) often gets it. That file is not the entry,
+    moved, or still in its place: the edit reading and the tree update leave it alone."""
+    from organizer.tree_edits import TreeEdits
+
+    from .conftest import DEV
+
+    photo = sorted((DEV / "Colin_Powell").iterdir())[0]
+    out = tmp_path / "sorted"
+    with Store.open(_copy_store(dev_library, tmp_path)) as store:
+        reconcile(store, out)
+        person = next(p for p in sorted(out.iterdir()) if p.name.startswith("cluster_"))
+        made = person / name
+
+        def replace(theirs: Path) -> None:
+            theirs.parent.mkdir(exist_ok=True)
+            ino = made.stat().st_ino
+            made.unlink()
+            shutil.copy2(photo, theirs)  # a JPEG, as the organizer's own files are
+            if theirs.stat().st_ino != ino:
+                pytest.skip("this file system did not give the freed inode to the next file")
+
+        # in a folder of the user's: not the entry moved there (it is made again in its place)
+        theirs = out / "Holidays" / "beach.jpg"
+        replace(theirs)
+        TreeEdits(store, out).interpret()
+        reconcile(store, out)
+        assert theirs.read_bytes() == photo.read_bytes() and made.exists()
+
+        # in its place: the user's file, kept when the person's folder moves (renamed)
+        replace(made)
+        TreeEdits(store, out).interpret()
+        reconcile(store, out)
+        store.set_cluster_name(int(person.name.removeprefix("cluster_")), "Somebody")
+        reconcile(store, out, verify=False)
+        reconcile(store, out)
+        assert made.read_bytes() == photo.read_bytes()
+        assert (out / "Somebody" / name).exists()
+        assert theirs.read_bytes() == photo.read_bytes()
