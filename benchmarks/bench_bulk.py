@@ -85,16 +85,21 @@ def ours(watch: Path, work: Path, detection: list[str]) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     main = psutil.Process(proc.pid)
-    parent_cpu, worker_cpu = 0.0, {}
+    parent_cpu, worker_cpu, server_cpu = 0.0, {}, {}
     while proc.poll() is None:
         try:
             ct = main.cpu_times()
             parent_cpu = ct.user + ct.system
             for child in main.children(recursive=True):
-                if "resource_tracker" in " ".join(child.cmdline()):
+                cmdline = " ".join(child.cmdline())
+                if "resource_tracker" in cmdline:
                     continue
                 c = child.cpu_times()
-                worker_cpu[child.pid] = c.user + c.system
+                # the fork server loads the models the workers are forked with: its CPU is theirs
+                if "forkserver" in cmdline and child.ppid() == main.pid:
+                    server_cpu[child.pid] = c.user + c.system
+                else:
+                    worker_cpu[child.pid] = c.user + c.system
         except psutil.Error:
             pass
         time.sleep(0.2)
@@ -107,7 +112,7 @@ def ours(watch: Path, work: Path, detection: list[str]) -> dict:
     with sqlite3.connect(db) as con:
         faces = con.execute("select count(*) from faces").fetchone()[0]
     return {"wall": wall, "faces": faces, "tree": tree_assignment(out) if out.is_dir() else {}, "parent_cpu": parent_cpu,
-            "worker_cpu": sum(worker_cpu.values()), "workers": len(worker_cpu), "stdout": stdout.strip()}
+            "worker_cpu": sum(worker_cpu.values()) + sum(server_cpu.values()), "workers": len(worker_cpu), "stdout": stdout.strip()}
 
 
 def main() -> None:
@@ -136,7 +141,7 @@ def main() -> None:
         print(f"organizer scan: {r['wall']:.1f} s, {ours_rate:.2f} photos/s, {r['faces']} faces, "
               f"pairwise F1 {ours_f1['f1']:.3f} (P {ours_f1['precision']:.3f}, R {ours_f1['recall']:.3f})", flush=True)
         print(f"  main process CPU {r['parent_cpu']:.1f} s = {r['parent_cpu'] / r['wall']:.0%} of the wall time; "
-              f"{r['workers']} encoder processes CPU {r['worker_cpu']:.1f} s = "
+              f"{r['workers']} encoder processes (and their fork server) CPU {r['worker_cpu']:.1f} s = "
               f"{r['worker_cpu'] / (r['wall'] * max(1, r['workers'])):.0%} of wall x workers", flush=True)
 
         if args.full_search:

@@ -11,8 +11,11 @@ import concurrent.futures as cf
 import io
 import logging
 import multiprocessing
+import multiprocessing.forkserver
+import multiprocessing.util
 import os
 import stat
+import threading
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -321,13 +324,31 @@ def analyze_photo(path: Path, settings: DetectionSettings, data: bytes | None = 
 
 
 def _exit_with_parent(parent: int) -> None:
-    """Worker side: exit when the parent dies (e.g. kill -9), instead of lingering as an orphan."""
+    """Worker side: exit when the organizer process ``parent`` dies (e.g. kill -9), instead of
+    lingering as an orphan. Watched by its pid, not by getppid(): a worker the fork server made
+    is the server's child, and the server lives as long as any worker does."""
+    import select
     import threading
-    import time
+
+    first_parent = os.getppid()  # the organizer when spawned; the fork server when forked by it
+
+    def alive() -> bool:
+        try:
+            os.kill(parent, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:
+            pass  # e.g. EPERM: it exists
+        return os.getppid() == first_parent  # a spawned worker is handed to init when its parent dies
 
     def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
+        try:
+            fd = os.pidfd_open(parent)  # readable once the process has ended: no pid reuse, no polling
+        except (AttributeError, OSError):  # not Linux >= 5.3, or refused: poll every second
+            while alive():
+                select.select([], [], [], 1.0)
+        else:
+            select.select([fd], [], [])
         os._exit(0)
 
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
@@ -342,13 +363,20 @@ def _worker_init(parent: int) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _exit_with_parent(parent)
-    # One BLAS/OpenMP thread per worker: the pool already uses every core.
+    preload_models()
+
+
+def preload_models() -> None:
+    """Load the face models in this process, with one BLAS/OpenMP thread (the pool already uses
+    every core). Run by each worker, and first by the fork server (organizer.encode_preload), whose
+    workers then start with the models loaded. A failure is left for the first task to report,
+    with its message (a failing initializer breaks the pool)."""
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
     try:
         _face_recognition()
     except EncoderUnavailable:
-        pass  # raised again by the first task, with its message (a failing initializer breaks the pool)
+        pass
 
 
 def _signature(path: Path) -> tuple[int, int] | None:
@@ -358,6 +386,28 @@ def _signature(path: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return (st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """How the encoder processes start. Never fork: the parent runs watchdog threads, and forking
+    a threaded process can deadlock the child. Where the platform has it, a fork server: a fresh
+    single-threaded process that loads the face models once (~100 MB, over a second of CPU) and
+    forks every worker from that state, so workers start at once and share the models' memory;
+    otherwise (Windows, macOS' default), or when the server cannot be started (no writable
+    temporary folder for its socket, or one whose path is too long for a socket), spawn, where
+    each worker loads its own."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        # "__main__" too: a worker otherwise imports the command's script again, as under spawn
+        ctx.set_forkserver_preload(["__main__", "organizer.encode_preload"])
+        try:
+            multiprocessing.util.get_temp_dir()  # the folder the server's socket is made in
+            multiprocessing.forkserver.ensure_running()  # binds the socket; the models load in the server
+        except OSError as exc:
+            log.info("the encoder processes load their models one by one: cannot start a fork server (%s)", exc)
+        else:
+            return ctx
+    return multiprocessing.get_context("spawn")
 
 
 class EncoderPool:
@@ -371,23 +421,44 @@ class EncoderPool:
         self._ahead: dict[Path, tuple[cf.Future, tuple[int, int], int]] = {}
         self._round = 0
         self._loading: list[cf.Future] = []  # the workers' model loading, once start() began it
+        self._starter: threading.Thread | None = None  # start()'s thread, which makes the pool
+        self._start_error: BaseException | None = None
 
     def start(self, wait: bool = False) -> None:
         """Start the workers and load their models now, so the first photo does not wait for it.
-        ``wait``: until they are loaded; raises EncoderUnavailable if they cannot be (this is the
-        check, so the calling process need not load the models itself)."""
+        The workers are started from a thread (with a fork server, starting the first one waits
+        for the server to load the models): the caller goes on meanwhile. ``wait``: until they are
+        loaded; raises EncoderUnavailable if they cannot be (this is the check, so the calling
+        process need not load the models itself)."""
         if self.workers <= 0:
             if wait:
                 _face_recognition()
             return
-        if not self._loading:  # a second call waits for the first one's loading
-            pool = self._ensure_pool()
+        if self._starter is None:  # a second call waits for the first one's loading
+            self._starter = threading.Thread(target=self._start_workers, name="encoder-start", daemon=True)
+            self._starter.start()
+        if wait:
+            self._started()
+            for fut in self._loading:
+                fut.result()
+
+    def _start_workers(self) -> None:
+        try:
+            pool = self._new_pool()
             self._loading = [pool.submit(check_models) for _ in range(self.workers)]
             for fut in self._loading:
                 fut.add_done_callback(lambda f: f.exception())  # unless waited for, a failure shows with the first photo
-        if wait:
-            for fut in self._loading:
-                fut.result()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller by _started()
+            self._start_error = exc
+
+    def _started(self) -> None:
+        """Wait for start()'s thread, if there is one, and raise what it could not do."""
+        if self._starter is not None:
+            self._starter.join()
+            error, self._start_error = self._start_error, None
+            if error is not None:
+                self._starter = None  # the next start() tries again
+                raise error
 
     def prefetch(self, paths: Iterable[Path]) -> None:
         """Start encoding ``paths`` now, before map() asks for them: the workers keep busy while the
@@ -425,12 +496,13 @@ class EncoderPool:
                 del self._ahead[path]
 
     def _ensure_pool(self) -> cf.ProcessPoolExecutor:
+        self._started()
+        return self._new_pool()
+
+    def _new_pool(self) -> cf.ProcessPoolExecutor:
         if self._pool is None:
-            # spawn, not fork: the parent runs watchdog threads, and forking a threaded process
-            # can deadlock the child.
-            ctx = multiprocessing.get_context("spawn")
             self._pool = cf.ProcessPoolExecutor(
-                self.workers, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),)
+                self.workers, mp_context=_pool_context(), initializer=_worker_init, initargs=(os.getpid(),)
             )
         return self._pool
 
@@ -495,6 +567,9 @@ class EncoderPool:
             self._pool = None
 
     def close(self) -> None:
+        if self._starter is not None:
+            self._starter.join()  # the pool it may still be making is shut down below
+            self._starter, self._start_error = None, None
         for fut, _, _ in self._ahead.values():
             fut.cancel()
         self._ahead.clear()

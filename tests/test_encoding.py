@@ -190,3 +190,58 @@ def test_a_worker_that_dies_is_blamed_on_its_photo_only(tmp_path):
     assert got[boom] == "the decoder crashed on this file"
     for p in photos:
         assert got[p].error is None and len(got[p].faces) == 1, (p, got[p])
+
+
+@pytest.mark.parametrize("temp_writable", [True, False], ids=["fork server", "no temporary folder: spawn"])
+def test_the_pool_encodes_as_the_calling_process_does(temp_writable, monkeypatch, caplog):
+    """The workers are forked from a fork server that loaded the models once; without a writable
+    temporary folder for its socket they are spawned instead (and say so). Either way they give
+    the encodings the calling process gives."""
+    import multiprocessing.util
+
+    import psutil
+
+    if not temp_writable:
+        def refuse():
+            raise PermissionError(30, "Read-only file system")
+        monkeypatch.setattr(multiprocessing.util, "get_temp_dir", refuse)
+    photos = sorted((DEV / "Jerry_Seinfeld").iterdir())[:2]
+    settings = DetectionSettings()
+    pool = EncoderPool(settings, workers=2)
+    try:
+        with caplog.at_level("INFO", logger="organizer.encode"):
+            got = {r.path: r for r in pool.map(photos)}
+        parents = {psutil.Process(pid).ppid() for pid in pool._pool._processes}
+    finally:
+        pool.close()
+    assert (os.getpid() in parents) is not temp_writable, parents  # spawned: our children; forked: the server's
+    assert ("cannot start a fork server" in caplog.text) is not temp_writable
+    for p in photos:
+        here = analyze_photo(p, settings)
+        assert len(got[p].faces) == len(here.faces) == 1
+        np.testing.assert_allclose(got[p].faces[0].encoding, here.faces[0].encoding, atol=1e-9)
+
+
+def test_a_temporary_folder_too_long_for_a_socket_means_spawned_workers(tmp_path):
+    """A TMPDIR whose path leaves no room for the fork server's socket name (AF_UNIX paths are
+    ~100 characters at most) must not stop the encoders: they are spawned instead, and encode."""
+    import subprocess
+    import sys
+
+    deep = tmp_path / ("x" * 60) / ("y" * 60)
+    deep.mkdir(parents=True)
+    photo = sorted((DEV / "Jerry_Seinfeld").iterdir())[0]
+    code = (
+        "import logging, sys\n"
+        "logging.basicConfig(level=logging.INFO)\n"
+        "from organizer.encode import DetectionSettings, EncoderPool\n"
+        "pool = EncoderPool(DetectionSettings(), workers=1)\n"
+        f"[r] = pool.map([{str(photo)!r}])\n"
+        "pool.close()\n"
+        "print(len(r.faces), r.error)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TMPDIR": str(deep)},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "cannot start a fork server" in run.stderr and "too long" in run.stderr
+    assert run.stdout.split() == ["1", "None"]

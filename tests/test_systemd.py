@@ -272,13 +272,15 @@ def test_works_without_writable_executable_memory(tmp_path):
 SANDBOX = textwrap.dedent('''
     """Runs a command the way the system unit's sandbox would (inside `unshare --mount --net`)."""
     import ctypes, os, subprocess, sys
-    rw = sys.argv[1].split(":")
-    cmd = sys.argv[2:]
+    rw, private_tmp = sys.argv[1].split(":"), sys.argv[2]
+    cmd = sys.argv[3:]
     def sh(*args):
         subprocess.run(args, check=True)
     sh("mount", "--make-rprivate", "/")
     for d in rw:                                   # ReadWritePaths=
         sh("mount", "--bind", d, d)
+    sh("mount", "-t", "tmpfs", "tmpfs", private_tmp)  # PrivateTmp=yes (a fresh /tmp, here as TMPDIR)
+    os.environ["TMPDIR"] = private_tmp
     sh("mount", "-o", "remount,bind,ro", "/")      # ProtectSystem=strict (the photos too)
     sh("mount", "-t", "proc", "-o", "hidepid=invisible,subset=pid", "proc", "/proc")  # ProtectProc, ProcSubset
     libc = ctypes.CDLL(None, use_errno=True)
@@ -292,8 +294,9 @@ SANDBOX = textwrap.dedent('''
 
 def test_service_works_inside_the_system_units_sandbox(tmp_path):
     """The system unit's confinement, emulated: read-only file system except the output and the
-    store folder (so the photos are read-only even to root), /proc reduced to processes, no
-    network namespace peers, no W^X memory, no capabilities. The service must start, talk
+    store folder (so the photos are read-only even to root), a private temporary folder (where the
+    encoders' fork server makes its socket), /proc reduced to processes, no network namespace
+    peers, no W^X memory, no capabilities. The service must start, talk
     sd_notify through PrivateNetwork, sort the photos (hard links cross mounts: it falls back to
     symlinks, with one warning), and stop cleanly."""
     unshare = shutil.which("unshare")
@@ -311,7 +314,9 @@ def test_service_works_inside_the_system_units_sandbox(tmp_path):
     helper = tmp_path / "sandbox.py"
     helper.write_text(SANDBOX)
     originals = tree_hashes(watch)
-    cmd = [unshare, "--mount", "--net", sys.executable, str(helper), f"{output}:{db_dir}",
+    # short: a socket's path must fit in ~100 characters, and tmp_path's may not leave room
+    private_tmp = Path(tempfile.mkdtemp(prefix="ptmp-"))
+    cmd = [unshare, "--mount", "--net", sys.executable, str(helper), f"{output}:{db_dir}", str(private_tmp),
            *organizer_cmd("run", "--watch", str(watch), "--output", str(output), "--db",
                           str(db_dir / "organizer.db"), "--config", str(cfg))]
     sock = NotifySocket()
@@ -319,8 +324,10 @@ def test_service_works_inside_the_system_units_sandbox(tmp_path):
         code, err = _notify_run(cmd, sock, output, watch, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     finally:
         sock.close()
+        private_tmp.rmdir()
     assert code == 0, err[-3000:]
     assert "Traceback" not in err
+    assert "cannot start a fork server" not in err  # the encoders were forked, models shared
     links = [p for p in output.rglob("*.jpg") if p.name not in ("representative.jpg", "montage.jpg")
              and p.parent.name != "faces"]
     assert links and all(p.is_symlink() for p in links)
