@@ -110,17 +110,22 @@ def assert_tree_matches_manifest(output: Path, db: Path, allowed: set[str] = fro
     (no half-written crop, no temporary file) except ``allowed`` files people put there."""
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
-        entries = {rp: ident for rp, ident in conn.execute("select relpath, ident from output_entries")}
+        entries = {rp: (kind, ident) for rp, kind, ident in conn.execute("select relpath, kind, ident from output_entries")}
     finally:
         conn.close()
     on_disk = {str(p.relative_to(output)) for p in output.rglob("*")
                if not p.is_dir() and ".organizer" not in p.relative_to(output).parts}
     assert on_disk - set(entries) <= set(allowed), sorted(on_disk - set(entries) - set(allowed))
-    for rp, ident in entries.items():
+    for rp, (kind, ident) in entries.items():
         p = output / rp
         assert ident, f"{rp}: created but never confirmed"
+        if p.is_symlink():
+            assert ident == "symlink:" + os.readlink(p), rp
+            continue
         st = p.lstat()
-        assert ident == f"inode:{st.st_dev}:{st.st_ino}" or ident == "symlink:" + os.readlink(p), rp
+        # a link (hard) is its inode; a crop or montage, the organizer's own file, also its size and mtime
+        made = f"inode:{st.st_dev}:{st.st_ino}" + ("" if kind == "link" else f":{st.st_size}:{st.st_mtime_ns}")
+        assert ident == made, rp
 
 
 # ---------------------------------------------------------------------------------------------
