@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import io
 import logging
+import math
 import multiprocessing
 import multiprocessing.forkserver
 import multiprocessing.util
@@ -22,9 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from .ingest import IngestError, crop_region, frame_crop, jpeg_bytes, load_for_detection
+from .ingest import Frame, IngestError, crop_region, frame_crop, jpeg_bytes, load_for_detection
 
 log = logging.getLogger(__name__)
 
@@ -190,20 +190,13 @@ def _full_search(fr, img: np.ndarray, settings: DetectionSettings) -> list[Box]:
     return [_to_box(rects[i], img.shape) for _, i in near if _cnn_confirms(fr, img, rects[i])]
 
 
-def _coarse_search(fr, img: np.ndarray, side: int) -> list[Box]:
-    """HOG at upsample 0 on a copy of ``img`` scaled to ``side``; boxes in ``img``'s pixels."""
-    from PIL import Image  # noqa: PLC0415
-
-    h, w = img.shape[:2]
-    small = Image.fromarray(img)
-    step = max(h, w) // side
-    if step >= 2:  # a box filter by a whole factor first: much cheaper than resampling the whole frame
-        small = small.reduce(step)
+def _coarse_search(fr, frame: Frame, side: int) -> list[Box]:
+    """HOG at upsample 0 on a copy of ``frame`` scaled to ``side``; boxes in the frame's pixels."""
+    h, w = frame.height, frame.width
     f = side / max(h, w)
-    if max(small.size) != side:
-        small = small.resize((max(1, round(w * f)), max(1, round(h * f))), Image.Resampling.BILINEAR)
+    small = frame.scaled((max(1, round(w * f)), max(1, round(h * f))))
     boxes = []
-    for t, r, b, l in fr.face_locations(np.asarray(small), number_of_times_to_upsample=0):
+    for t, r, b, l in fr.face_locations(small, number_of_times_to_upsample=0):
         boxes.append((max(0, round(t / f)), min(w, round(r / f)), min(h, round(b / f)), max(0, round(l / f))))
     return boxes
 
@@ -216,7 +209,7 @@ def _overlaps(a: Box, b: Box) -> bool:
     return smaller > 0 and inter > 0.5 * smaller
 
 
-def detect_faces(img: np.ndarray, settings: DetectionSettings) -> list[Box]:
+def detect_faces(img: Frame | np.ndarray, settings: DetectionSettings) -> list[Box]:
     """Face boxes in ``img`` (the detection frame), coarse to fine.
 
     The full search (``settings.upsample`` on the whole frame) is what finds faces of 40-80 px,
@@ -229,17 +222,77 @@ def detect_faces(img: np.ndarray, settings: DetectionSettings) -> list[Box]:
     latter did not find that face.
     """
     fr = _face_recognition()
+    frame = img if isinstance(img, Frame) else Frame.of(img)
     coarse: list[Box] = []
-    if settings.model == "hog" and 0 < settings.coarse_side < max(img.shape[:2]):
-        coarse = _coarse_search(fr, img, settings.coarse_side)
+    if settings.model == "hog" and 0 < settings.coarse_side < max(frame.shape[:2]):
+        coarse = _coarse_search(fr, frame, settings.coarse_side)
         if coarse and min(min(b - t, r - l) for t, r, b, l in coarse) >= settings.fine_below:
             return coarse
-    full = _full_search(fr, img, settings)
+    full = _full_search(fr, frame.whole(), settings)
     return full + [c for c in coarse if not any(_overlaps(c, f) for f in full)]
 
 
-def encode_faces(img: np.ndarray, boxes: list[Box], settings: DetectionSettings) -> list[np.ndarray]:
-    """128-d encodings of the faces in ``boxes`` (float64, one per box).
+# How far around a face box its encoding reads the frame, as a share of the box's size: the
+# landmarks lie about the box, and dlib's aligned chip (padding 0.25, turned with the face) reaches
+# about half the box beyond it. Checked per face (_reads_within): a face whose landmarks or chip
+# reach farther is encoded on the whole frame.
+FACE_AREA_MARGIN = 0.6
+
+
+@dataclass
+class _Area:
+    """The part of a frame a face is encoded on: its pixels and where they are in the frame."""
+
+    pixels: np.ndarray
+    left: int
+    top: int
+    frame_width: int
+    frame_height: int
+
+    def local(self, box: Box) -> Box:
+        t, r, b, l = box
+        return (t - self.top, r - self.left, b - self.top, l - self.left)
+
+    def holds(self, left: float, top: float, right: float, bottom: float) -> bool:
+        """Does the area hold this frame rectangle (cut only where the frame itself ends)?"""
+        h, w = self.pixels.shape[:2]
+        return ((left >= self.left or self.left == 0) and (top >= self.top or self.top == 0)
+                and (right <= self.left + w or self.left + w == self.frame_width)
+                and (bottom <= self.top + h or self.top + h == self.frame_height))
+
+
+def _face_area(frame: Frame, box: Box) -> _Area:
+    top, right, bottom, left = box
+    m = math.ceil(max(bottom - top, right - left) * FACE_AREA_MARGIN)
+    l0, t0 = max(0, left - m), max(0, top - m)
+    pixels = np.ascontiguousarray(frame.region(l0, t0, right + m, bottom + m))  # (dlib takes no views)
+    return _Area(pixels, l0, t0, frame.width, frame.height)
+
+
+def _reads_within(dlib, area: _Area, shape, box: Box) -> bool:
+    """Do the landmarks' search and dlib's chip for ``shape`` (in area pixels) read only pixels of
+    ``area``, so the encoding is the one the whole frame gives? The chip's reach is as dlib's
+    extract_image_chips computes it: the chip rectangle turned with the face, grown by the border
+    its anti-aliasing pyramid needs (2 px, doubled plus 2 per level), plus one for interpolation."""
+    pts = shape.parts()
+    pad = 0.25 * max(box[2] - box[0], box[1] - box[3])  # the predictor samples about its shape
+    xs, ys = [p.x + area.left for p in pts], [p.y + area.top for p in pts]
+    if not area.holds(min(xs) - pad, min(ys) - pad, max(xs) + pad, max(ys) + pad):
+        return False
+    chip = dlib.get_face_chip_details(shape, 150, 0.25)
+    w, h = chip.rect.width(), chip.rect.height()
+    grow, rect_area = 2, w * h / 4
+    while rect_area > chip.rows * chip.cols:
+        rect_area, grow = rect_area / 4, grow * 2 + 2
+    c, s = abs(math.cos(chip.angle)), abs(math.sin(chip.angle))
+    ex, ey = (w * c + h * s) / 2 + grow + 1, (w * s + h * c) / 2 + grow + 1
+    center = chip.rect.dcenter()
+    cx, cy = center.x + area.left, center.y + area.top
+    return area.holds(cx - ex, cy - ey, cx + ex, cy + ey)
+
+
+def encode_faces(img: Frame | np.ndarray, boxes: list[Box], settings: DetectionSettings) -> list[np.ndarray]:
+    """128-d encodings of the faces in ``boxes`` (float64, one per box) of the frame ``img``.
 
     Each face is aligned by its landmarks into dlib's 150x150 chip (as face_recognition does), and
     by default:
@@ -253,16 +306,24 @@ def encode_faces(img: np.ndarray, boxes: list[Box], settings: DetectionSettings)
       Distances are then chord lengths on the unit sphere (0 to 2), hence ``eps`` 0.36.
 
     The encoding depends only on the frame and the box: a box found by the coarse search is
-    encoded on the same detection frame as one found by the full search.
+    encoded on the same detection frame as one found by the full search, and a face is encoded on
+    the frame's region around it (:func:`_face_area`) only when that reads the same pixels.
     """
     import dlib  # noqa: PLC0415 - this module is the only one that imports dlib
 
     fr = _face_recognition()
+    frame = img if isinstance(img, Frame) else Frame.of(img)
     predictor = fr.api.pose_predictor_5_point if settings.landmarks == "small" else fr.api.pose_predictor_68_point
     out = []
-    for top, right, bottom, left in boxes:
-        shape = predictor(img, dlib.rectangle(left, top, right, bottom))
-        chip = dlib.get_face_chip(img, shape, size=150, padding=0.25)
+    for box in boxes:
+        area = _face_area(frame, box)
+        top, right, bottom, left = area.local(box)
+        shape = predictor(area.pixels, dlib.rectangle(left, top, right, bottom))
+        if not _reads_within(dlib, area, shape, box):
+            area = _Area(frame.whole(), 0, 0, frame.width, frame.height)
+            top, right, bottom, left = box
+            shape = predictor(area.pixels, dlib.rectangle(left, top, right, bottom))
+        chip = dlib.get_face_chip(area.pixels, shape, size=150, padding=0.25)
         enc = np.array(fr.api.face_encoder.compute_face_descriptor(chip, settings.num_jitters))
         if settings.mirror:
             flipped = np.ascontiguousarray(chip[:, ::-1])
@@ -282,11 +343,11 @@ def reencode_photo(path: Path, boxes: list[Box], settings: DetectionSettings,
                                       settings.max_pixels)
     except IngestError as exc:
         return None, str(exc)
-    s, img = prepared.scale, prepared.pixels
-    h, w = img.shape[:2]
+    s, frame = prepared.scale, prepared.frame
+    h, w = frame.height, frame.width
     local = [(max(0, round(t / s)), min(w, round(r / s)), min(h, round(b / s)), max(0, round(l / s)))
              for t, r, b, l in boxes]
-    return encode_faces(img, local, settings), None
+    return encode_faces(frame, local, settings), None
 
 
 def analyze_photo(path: Path, settings: DetectionSettings, data: bytes | None = None) -> PhotoResult:
@@ -298,14 +359,13 @@ def analyze_photo(path: Path, settings: DetectionSettings, data: bytes | None = 
                                       settings.max_pixels)
     except IngestError as exc:
         return PhotoResult(path=path, error=str(exc))
-    img = prepared.pixels
-    boxes = detect_faces(img, settings)
-    encodings = encode_faces(img, boxes, settings)
+    frame = prepared.frame
+    boxes = detect_faces(frame, settings)
+    encodings = encode_faces(frame, boxes, settings)
     faces = []
     s = prepared.scale
-    frame = None
     for (top, right, bottom, left), enc in zip(boxes, encodings):
-        crop = img[max(top, 0) : bottom, max(left, 0) : right].mean(axis=2)  # gray, the face only
+        crop = frame.region(left, top, right, bottom).mean(axis=2)  # gray, the face only
         face = FaceRecord(
             top=max(0, round(top * s)),
             right=min(prepared.width, round(right * s)),
@@ -314,8 +374,6 @@ def analyze_photo(path: Path, settings: DetectionSettings, data: bytes | None = 
             encoding=np.asarray(enc, dtype=np.float64),
             sharpness=_sharpness(crop),
         )
-        if frame is None:
-            frame = Image.fromarray(img, "RGB")
         cut = frame_crop(frame, crop_region((face.top, face.right, face.bottom, face.left)), s)
         face.crop = jpeg_bytes(cut) if cut is not None else None
         faces.append(face)

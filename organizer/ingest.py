@@ -52,14 +52,110 @@ class IngestError(Exception):
 VANISHED = "file disappeared before it could be read"
 
 
+# The largest alignment (frame pixels) a region may need to hold the whole frame's exact pixels:
+# beyond it (an odd ratio between the decoded and the frame size) the whole frame is made instead.
+MAX_REGION_STEP = 64
+
+
+class Frame:
+    """A photo's detection frame (its longer side at most max_side), resampled from the decoded
+    image only where it is looked at.
+
+    The coarse search needs a small copy of it and the encoder each face's surroundings;
+    resampling those regions alone costs a fraction of the whole frame. A region holds the very
+    pixels the whole frame has there (tests/test_frame.py), as Pillow makes them: the horizontal
+    pass, then the vertical one, each with the whole image's filter windows. For the weights to
+    be the same, a region starts and ends where frame and decoded pixels line up (a multiple of
+    :meth:`_step`); where they never do within MAX_REGION_STEP, the whole frame is made. The whole
+    frame is made once, when asked for (the full search), and then serves the regions too."""
+
+    def __init__(self, image: Image.Image, size: tuple[int, int]):
+        self._image = image  # RGB, upright, at the decoded (draft) size
+        self.width, self.height = size
+        self._whole = np.asarray(image, dtype=np.uint8) if image.size == size else None
+        self._regions: list[tuple[tuple[int, int, int, int], np.ndarray]] = []  # made so far
+        self._steps = (self._step(image.width, self.width), self._step(image.height, self.height))
+
+    @classmethod
+    def of(cls, pixels: np.ndarray) -> Frame:
+        """A frame already made (an array of H x W x 3 RGB pixels)."""
+        return cls(Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8), "RGB"), pixels.shape[1::-1])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.height, self.width, 3)
+
+    @staticmethod
+    def _step(src: int, out: int) -> int:
+        """The least number of frame pixels that spans a whole number of decoded pixels."""
+        return out // math.gcd(src, out)
+
+    def whole(self) -> np.ndarray:
+        """All of the frame, H x W x 3 uint8 RGB."""
+        if self._whole is None:
+            im = self._image.resize((self.width, self.height), Image.Resampling.LANCZOS)
+            self._whole = np.asarray(im, dtype=np.uint8)
+        return self._whole
+
+    def region(self, left: int, top: int, right: int, bottom: int) -> np.ndarray:
+        """The frame's pixels [top:bottom, left:right], clipped to the frame."""
+        left, top = max(0, left), max(0, top)
+        right, bottom = max(left, min(self.width, right)), max(top, min(self.height, bottom))
+        if self._whole is None and max(self._steps) > MAX_REGION_STEP:
+            self.whole()
+        if self._whole is not None:
+            return self._whole[top:bottom, left:right]
+        for (l0, t0, r0, b0), pixels in self._regions:  # a face's crop lies in its encoder's region
+            if l0 <= left and t0 <= top and right <= r0 and bottom <= b0:
+                return pixels[top - t0 : bottom - t0, left - l0 : right - l0]
+        if right == left or bottom == top:
+            return np.zeros((bottom - top, right - left, 3), np.uint8)
+        sx, sy = self._steps
+        l0, t0 = left // sx * sx, top // sy * sy
+        r0, b0 = min(self.width, -(-right // sx) * sx), min(self.height, -(-bottom // sy) * sy)
+        pixels = self._resample(l0, t0, r0, b0)
+        self._regions.append(((l0, t0, r0, b0), pixels))
+        return pixels[top - t0 : bottom - t0, left - l0 : right - l0]
+
+    def _resample(self, left: int, top: int, right: int, bottom: int) -> np.ndarray:
+        """Pillow's two passes for the frame rectangle (aligned to the steps), on the decoded rows
+        its vertical filter reaches (their span: LANCZOS's 3 lobes, scaled, plus 2 to spare)."""
+        (W, H), (w, h) = self._image.size, (self.width, self.height)
+        reach = 3 * max(H / h, 1.0) + 2
+        first, last = max(0, int(top * H / h - reach)), min(H, math.ceil(bottom * H / h + reach))
+        band = self._image.crop((0, first, W, last))  # all columns: the horizontal pass's own edges
+        # (box ends are whole decoded pixels: the steps make left * W / w and the others integers)
+        rows = band.resize((right - left, last - first), Image.Resampling.LANCZOS,
+                           box=(left * W // w, 0, right * W // w, last - first))
+        out = rows.resize((right - left, bottom - top), Image.Resampling.LANCZOS,
+                          box=(0, top * H // h - first, right - left, bottom * H // h - first))
+        return np.asarray(out, dtype=np.uint8)
+
+    def scaled(self, size: tuple[int, int]) -> np.ndarray:
+        """A small copy of the whole frame, ``size`` (width, height): a box filter by a whole
+        factor first (much cheaper than resampling), then bilinear to the exact size."""
+        small = Image.fromarray(self._whole, "RGB") if self._whole is not None else self._image
+        step = max(small.size) // max(size)
+        if step >= 2:
+            small = small.reduce(step)
+        if small.size != size:
+            small = small.resize(size, Image.Resampling.BILINEAR)
+        return np.asarray(small, dtype=np.uint8)
+
+
 @dataclass
 class Prepared:
     """A decoded photo ready for face detection."""
 
-    pixels: np.ndarray  # H x W x 3, uint8, RGB, EXIF orientation applied, downscaled
+    frame: Frame  # RGB, EXIF orientation applied, downscaled
     scale: float  # multiply detection coordinates by this to get full-size coordinates
     width: int  # full-size width after EXIF orientation
     height: int  # full-size height after EXIF orientation
+
+    @property
+    def pixels(self) -> np.ndarray:
+        """The whole frame, H x W x 3 uint8."""
+        return self.frame.whole()
 
 
 def is_candidate(path: Path) -> bool:
@@ -245,13 +341,12 @@ def load_for_detection(path: Path | BinaryIO, max_side: int, max_pixels: int) ->
     full_w = round(im.size[0] * decoded_scale)
     full_h = round(im.size[1] * decoded_scale)
     scale = decoded_scale
+    size = im.size
     if max(im.size) > max_side:
         factor = max_side / max(im.size)
-        new_size = (max(1, round(im.size[0] * factor)), max(1, round(im.size[1] * factor)))
-        im = im.resize(new_size, Image.Resampling.LANCZOS)
-        scale = max(full_w, full_h) / max(new_size)
-    pixels = np.ascontiguousarray(np.asarray(im, dtype=np.uint8))
-    return Prepared(pixels=pixels, scale=scale, width=full_w, height=full_h)
+        size = (max(1, round(im.size[0] * factor)), max(1, round(im.size[1] * factor)))
+        scale = max(full_w, full_h) / max(size)
+    return Prepared(frame=Frame(im, size), scale=scale, width=full_w, height=full_h)
 
 
 CROP_MARGIN = 0.35  # extra space around a face box in the output's crops, as a share of its size
@@ -266,7 +361,7 @@ def crop_region(box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
     return left - m, top - m, right + m, bottom + m
 
 
-def frame_crop(frame: Image.Image, region: tuple[int, int, int, int], scale: float) -> Image.Image | None:
+def frame_crop(frame: Frame, region: tuple[int, int, int, int], scale: float) -> Image.Image | None:
     """The crop of ``region`` (full-size pixels) from an already decoded ``frame`` (full size / ``scale``),
     as upright_crop would give it; None when the frame holds fewer pixels there than the crop
     needs (a small face in a downscaled frame: decode the original instead)."""
@@ -277,7 +372,7 @@ def frame_crop(frame: Image.Image, region: tuple[int, int, int, int], scale: flo
         return None
     if scale > 1 and max(box[2] - box[0], box[3] - box[1]) < CROP_SIZE:
         return None
-    crop = frame.crop(box)
+    crop = Image.fromarray(np.ascontiguousarray(frame.region(*box)), "RGB")
     crop.thumbnail((CROP_SIZE, CROP_SIZE), Image.Resampling.LANCZOS)
     return crop
 

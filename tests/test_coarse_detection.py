@@ -17,7 +17,7 @@ import pytest
 
 from organizer import encode
 from organizer.encode import DetectionSettings, _overlaps, analyze_photo, detect_faces, encoder_id, reencode_photo
-from organizer.ingest import load_for_detection
+from organizer.ingest import Frame, load_for_detection
 
 from .conftest import DEV, NO_FACES, ROOT, SHARED
 
@@ -48,8 +48,8 @@ def full_searches(monkeypatch):
     return calls
 
 
-def _frame(path: Path) -> np.ndarray:
-    return load_for_detection(path, DEFAULT.max_side, DEFAULT.max_pixels).pixels
+def _frame(path: Path) -> Frame:
+    return load_for_detection(path, DEFAULT.max_side, DEFAULT.max_pixels).frame
 
 
 def test_group_of_small_faces_loses_none(sources, tmp_path, full_searches):

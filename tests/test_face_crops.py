@@ -10,7 +10,7 @@ from PIL import Image, ImageOps
 
 from organizer import output
 from organizer.encode import DetectionSettings, analyze_photo
-from organizer.ingest import CROP_SIZE, crop_region, frame_crop, upright_crop
+from organizer.ingest import CROP_SIZE, Frame, crop_region, frame_crop, upright_crop
 
 from .conftest import DEV
 
@@ -74,7 +74,7 @@ def test_the_encoder_sends_the_crop_so_the_writer_decodes_nothing(tmp_path, monk
 
 
 def test_no_crop_from_a_frame_with_too_few_pixels_for_it():
-    frame = Image.new("RGB", (1600, 1200), (90, 90, 90))
+    frame = Frame(Image.new("RGB", (1600, 1200), (90, 90, 90)), (1600, 1200))
     region = (1000, 1000, 1400, 1400)  # 400 px of the full-size photo, 160 px of a frame at 1/2.5
     assert frame_crop(frame, region, 2.5) is None  # the original has more: the writer decodes it
     assert frame_crop(frame, region, 1.0).size == (256, 128)  # the frame is the photo: nothing better
