@@ -5,8 +5,8 @@
 Builds two sets from ``../shared/faces/<set>`` (see benchmarks/phone_photos.py; written under a
 temporary folder): phone photos (4000x3000, one face at phone-portrait size, a quarter sideways)
 and group canvases (1600x1200, six faces of 40-80 px each pasted from six labelled photos). Every
-photo is decoded once into its detection frame, then each setting's detect_faces is timed on it
-in this process (one BLAS thread, interleaved photo by photo so the ratios hold on a noisy
+photo is decoded into its detection frame (ingest.Frame, anew for each setting), then each
+setting's detect_faces is timed on it in this process (one BLAS thread, interleaved photo by photo so the ratios hold on a noisy
 machine). "found" counts pasted faces a detected box covers (overlap > 0.5 of the smaller box),
 "extra" the other boxes. The reference is the full search alone (coarse_side 0), the pipeline's
 detection before coarse to fine. Choose on tune, report on dev.
@@ -58,10 +58,11 @@ def main() -> None:
         for name, photos in sets.items():
             stats = {k: [0, 0, 0.0] for k in settings}
             for photo in photos:
-                prep = load_for_detection(photo.path, base.max_side, base.max_pixels)
                 for key, s in settings.items():
+                    # decoded anew for each setting (not timed): a frame keeps what it resampled
+                    prep = load_for_detection(photo.path, base.max_side, base.max_pixels)
                     t0 = time.perf_counter()
-                    boxes = detect_faces(prep.pixels, s)
+                    boxes = detect_faces(prep.frame, s)
                     stats[key][2] += time.perf_counter() - t0
                     full = [tuple(round(v * prep.scale) for v in b) for b in boxes]
                     hit = sum(any(_overlaps(p, b) for b in full) for p in photo.boxes)
