@@ -14,6 +14,7 @@ after a batch reconciles only those; what is not tracked marks everything.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -272,6 +273,34 @@ def chunks(values: list, size: int = 500) -> Iterator[list]:
         yield values[start : start + size]
 
 
+class _Database(sqlite_utils.Database):
+    """sqlite-utils' Database whose outermost transaction takes the write lock when it begins
+    (BEGIN IMMEDIATE). In WAL mode a transaction begun without it that reads, then writes after
+    another connection (the review page, a CLI correction) committed, fails at once with "database
+    is locked" (SQLITE_BUSY_SNAPSHOT: waiting cannot help, its snapshot is stale); one that holds
+    the lock from the start makes the other writer wait its turn (busy_timeout). sqlite-utils
+    offers no option for this; nested blocks stay its savepoints."""
+
+    @contextlib.contextmanager
+    def atomic(self):
+        if self.conn.in_transaction:
+            with super().atomic():
+                yield self
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self
+        except BaseException:
+            self.rollback()
+            raise
+        else:
+            try:
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self.rollback()
+                raise
+
+
 class Store:
     """The organizer's database. Open with :meth:`open` (writer) or :meth:`open_readonly`."""
 
@@ -295,7 +324,7 @@ class Store:
         check_file(path)
         lock_fh = take_lock(path)
         conn = sqlite3.connect(str(path), timeout=30, isolation_level=None)
-        db = sqlite_utils.Database(conn)
+        db = _Database(conn)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA foreign_keys=ON")
@@ -317,7 +346,7 @@ class Store:
         except StoreLocked:
             pass
         conn = sqlite3.connect(str(path), timeout=30, isolation_level=None)
-        db = sqlite_utils.Database(conn)
+        db = _Database(conn)
         db.execute("PRAGMA busy_timeout=30000")
         return cls(db, path)
 

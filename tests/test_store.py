@@ -71,3 +71,41 @@ def test_paths_round_trip_and_are_looked_up_by_key(tmp_path):
         assert [e["path"] for e in ReviewQueries(store).failures()] == sorted(paths, key=lambda p: (p == odd, p))
         store.remove_photos([odd])
         assert set(store.photo_states()) == set(paths) - {odd}
+
+
+def test_a_transaction_that_reads_then_writes_waits_for_another_writer(tmp_path):
+    """The service's transactions read, then write; the review page or a CLI correction writes
+    through its own connection meanwhile. In WAL mode a transaction begun without the write lock
+    fails at once ("database is locked", no busy wait helps) when another connection committed
+    after its read; the store's transactions take the lock when they begin, so the other writer
+    waits its turn and both writes land."""
+    import threading
+    import time
+
+    db = tmp_path / "organizer.db"
+    with Store.open(db) as service:
+        service.set_meta("counter", "0")
+        done = threading.Event()
+        errors = []
+
+        def edit():
+            other = Store.open_for_edit(db)  # the instance lock is taken: SQLite's locking only
+            try:
+                assert not other.locked
+                with other.db.atomic():
+                    other.set_meta("page", "renamed")
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+            finally:
+                other.db.conn.close()
+            done.set()
+
+        with service.db.atomic():
+            n = int(service.get_meta("counter"))  # the read
+            thread = threading.Thread(target=edit)
+            thread.start()
+            time.sleep(0.5)  # the other writer tries meanwhile
+            service.set_meta("counter", str(n + 1))  # the write
+        thread.join(30)
+        assert done.is_set() and errors == []
+        assert service.get_meta("counter") == "1" and service.get_meta("page") == "renamed"
