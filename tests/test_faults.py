@@ -699,7 +699,7 @@ def test_hand_edits_read_by_the_service_and_others_left_alone(tmp_path):
                              for p in (A, B)), 60, "the face crops")
         edit = _hand_edit(output, watch)
         wait_for(lambda: (output / "doubtful" / edit["deleted"].name).exists()
-                 and (edit["fb"] / "representative.jpg").exists(), 30, "the tree to be updated")
+                 and (edit["fb"] / "representative.jpg").exists(), 60, "the tree to be updated")
         _check_repaired(output, edit)
         # a person folder renamed by hand names the person (issue 14): its photos stay there, new
         # links come there, and the person's own files in it are left alone
