@@ -6,8 +6,8 @@ Builds two sets from ``../shared/faces/<set>`` (see benchmarks/phone_photos.py; 
 temporary folder): phone photos (4000x3000, one face at phone-portrait size, a quarter sideways)
 and group canvases (1600x1200, six faces of 40-80 px each pasted from six labelled photos). Every
 photo is decoded into its detection frame (ingest.Frame, anew for each setting), then each
-setting's detect_faces is timed on it in this process (one BLAS thread, interleaved photo by photo so the ratios hold on a noisy
-machine). "found" counts pasted faces a detected box covers (overlap > 0.5 of the smaller box),
+setting's detect_faces is timed on it in this process (one BLAS thread, interleaved photo by
+photo so the ratios hold on a noisy machine). "found" counts pasted faces a detected box covers (overlap > 0.5 of the smaller box),
 "extra" the other boxes. The reference is the full search alone (coarse_side 0), the pipeline's
 detection before coarse to fine. Choose on tune, report on dev.
 """

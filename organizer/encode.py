@@ -222,7 +222,7 @@ def detect_faces(img: Frame | np.ndarray, settings: DetectionSettings) -> list[B
     latter did not find that face.
     """
     fr = _face_recognition()
-    frame = img if isinstance(img, Frame) else Frame.of(img)
+    frame = Frame.of(img)
     coarse: list[Box] = []
     if settings.model == "hog" and 0 < settings.coarse_side < max(frame.shape[:2]):
         coarse = _coarse_search(fr, frame, settings.coarse_side)
@@ -312,7 +312,7 @@ def encode_faces(img: Frame | np.ndarray, boxes: list[Box], settings: DetectionS
     import dlib  # noqa: PLC0415 - this module is the only one that imports dlib
 
     fr = _face_recognition()
-    frame = img if isinstance(img, Frame) else Frame.of(img)
+    frame = Frame.of(img)
     predictor = fr.api.pose_predictor_5_point if settings.landmarks == "small" else fr.api.pose_predictor_68_point
     out = []
     for box in boxes:

@@ -77,8 +77,10 @@ class Frame:
         self._steps = (self._step(image.width, self.width), self._step(image.height, self.height))
 
     @classmethod
-    def of(cls, pixels: np.ndarray) -> Frame:
-        """A frame already made (an array of H x W x 3 RGB pixels)."""
+    def of(cls, pixels: Frame | np.ndarray) -> Frame:
+        """``pixels`` as a frame: itself, or a frame already made (H x W x 3 RGB pixels)."""
+        if isinstance(pixels, Frame):
+            return pixels
         return cls(Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8), "RGB"), pixels.shape[1::-1])
 
     @property

@@ -223,8 +223,7 @@ def ident_key(ident: str) -> str:
 def same_file(dst: Path, ident: str) -> bool:
     """Is the file at ``dst`` the one recorded as ``ident`` (by :func:`entry_ident`)? An identity
     recorded without size and mtime (a store made before they were) is compared as it is."""
-    stamped = ident.startswith("inode:") and ident.count(":") > 2
-    return entry_ident(dst, "crop" if stamped else "link") == ident
+    return entry_ident(dst, "link" if ident == ident_key(ident) else "crop") == ident
 
 
 def _adoptable(dst: Path, kind: str, source: str) -> bool:
@@ -487,7 +486,7 @@ def reconcile(store: Store, output: Path, link_mode: str = "hardlink", max_pixel
             exists = os.path.lexists(dst)  # never raises (a folder we may not enter: "missing")
             if relpath in manifest:
                 if exists and _is_ours(dst, idents.get(relpath)):
-                    if entry_ident(dst, kind) != idents[relpath]:  # recorded without size and mtime
+                    if kind != "link" and idents[relpath] == ident_key(idents[relpath]):  # recorded without size and mtime
                         store.manifest_set_ident(relpath, entry_ident(dst, kind))
                     continue
                 if exists and idents.get(relpath) is None and _adoptable(dst, kind, source):
