@@ -8,17 +8,21 @@ import logging
 import sqlite3
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from . import __version__
-from .config import ConfigError, Settings, load_config
 from .logs import printable, setup_logging
 from .methods import ALGORITHMS
 from .perturb import KINDS as PERTURB_KINDS
-from .store import Store, StoreError
-from .store_review import ReviewQueries
 from .storefile import unusable_message
+
+if TYPE_CHECKING:
+    from .config import Settings
+
+# The rest of the organizer is imported by the commands that use it: the encoders' fork server
+# imports this module too (encode._pool_context), and every worker's start waits for it.
 
 log = logging.getLogger("organizer")
 
@@ -35,6 +39,9 @@ def common_options(fn):
     @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False), help="Log verbosity.")
     @functools.wraps(fn)
     def wrapper(config_path, watch, output, db, known, log_level, **kwargs):
+        from .config import ConfigError, load_config
+        from .store import StoreError
+
         try:
             settings = load_config(
                 config_path,
@@ -166,6 +173,8 @@ def run(settings: Settings, polling, with_web: bool, host: str | None, port: int
 @web_options
 def web(settings: Settings, host: str | None, port: int | None):
     """Serve the review page: people, their faces and the doubtful ones, in the browser."""
+    from .store import Store
+
     _require(settings, "output")
     Store.open_for_edit(settings.db_path).close()  # there must be a store (upgraded when no service runs)
     _web_server(settings, host, port, foreground=True).serve()
@@ -188,6 +197,8 @@ def scan(settings: Settings, forget_anyway: bool, algorithm: str):
     from .encode import EncoderUnavailable
     from .executors import encoder_for
     from .progress import progress_reporter
+    from .store import Store
+    from .store_review import ReviewQueries
 
     _require(settings, "watch", "output")
     _check_layout(settings)
@@ -248,6 +259,8 @@ def scan(settings: Settings, forget_anyway: bool, algorithm: str):
 def status(settings: Settings, as_json: bool, errors: int):
     """What the store knows: photos, duplicates, people (id, folder, photos), doubtful faces, failures."""
     from .output import folder_name
+    from .store import Store
+    from .store_review import ReviewQueries
 
     with Store.open_readonly(settings.db_path) as store:
         review = ReviewQueries(store)
@@ -297,6 +310,8 @@ def status(settings: Settings, as_json: bool, errors: int):
 def doubtful(settings: Settings, as_json: bool):
     """Photos with a face that was not placed (why, and the nearest person), and photos without faces."""
     from .output import folder_name
+    from .store import Store
+    from .store_review import ReviewQueries
 
     with Store.open_readonly(settings.db_path) as store:
         review = ReviewQueries(store)
@@ -324,6 +339,7 @@ def doubtful(settings: Settings, as_json: bool):
 def recluster(settings: Settings):
     """Re-run batch DBSCAN over all faces (ids stay stable) and repair the output tree."""
     from .pipeline import Organizer
+    from .store import Store
 
     _require(settings, "output")
     with Store.open(settings.db_path, create=False) as store:  # a mistyped --output: no new store
@@ -379,6 +395,7 @@ def people(settings: Settings, as_json: bool, hidden: bool):
     from dataclasses import asdict
 
     from .corrections import Corrections
+    from .store import Store
 
     with Store.open_readonly(settings.db_path) as store:
         rows = Corrections(store).people(hidden=hidden)
@@ -507,6 +524,7 @@ def corrections(settings: Settings, as_json: bool):
     import time as _time
 
     from .corrections import Corrections, as_dict, describe
+    from .store import Store
 
     with Store.open_readonly(settings.db_path) as store:
         c = Corrections(store)
@@ -548,6 +566,7 @@ def evaluate(labels, config_path, algorithms, sweeps, perturbs, keep, as_json):
 def report(settings: Settings, out: Path):
     """Write a self-contained HTML report on the clustering (plots, scores, the eps curve)."""
     from .report import write_report
+    from .store import Store
 
     _require(settings, "output")
     with Store.open_readonly(settings.db_path) as store:

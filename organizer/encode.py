@@ -1,6 +1,6 @@
 """Encode: find every face in a photo and compute its 128-d dlib encoding.
 
-This is the only module that imports face_recognition / dlib. Each photo is decoded, searched
+This is the only module that uses dlib and face_recognition's models (FaceModels). Each photo is decoded, searched
 and encoded in one worker of a process pool (one per core), so the three overlap across photos
 and no photo is decoded twice; results flow back to the parent, which is the only SQLite writer.
 """
@@ -8,6 +8,8 @@ and no photo is decoded twice; results flow back to the parent, which is the onl
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
+import importlib.util
 import io
 import logging
 import math
@@ -17,7 +19,6 @@ import multiprocessing.util
 import os
 import stat
 import threading
-import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,34 +29,94 @@ from .ingest import Frame, IngestError, crop_region, frame_crop, jpeg_bytes, loa
 
 log = logging.getLogger(__name__)
 
-_fr = None  # the face_recognition module, imported lazily (it loads ~100 MB of models)
+_models = None  # the FaceModels of this process, made when first needed
+
+MODELS_DIR = Path(__file__).with_name("models")  # data shipped with the package (see FaceModels.hog)
 
 
 class EncoderUnavailable(RuntimeError):
-    """face_recognition or its models cannot be loaded."""
+    """dlib or face_recognition's models cannot be loaded."""
 
 
-def _face_recognition():
-    """Import face_recognition once, turning its side effects into explicit choices."""
-    global _fr
-    if _fr is None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # face_recognition_models' pkg_resources deprecation notice
+class FaceModels:
+    """face_recognition's dlib models, each loaded from its file when first used.
+
+    By hand rather than ``import face_recognition``: its api module loads all five models at
+    import, about 2.2 s of one core that every scan waits for, including the 5-point predictor
+    (used here only with ``landmarks="small"``) and the HOG detector made by
+    ``dlib.get_frontal_face_detector()``, which decompresses it from dlib's binary (0.6 s). The
+    model files are face_recognition_models' own, the calls are face_recognition's
+    (tests/test_models.py compares the two).
+    """
+
+    def __init__(self):
+        try:
+            import dlib  # noqa: PLC0415 - this module is the only one that imports dlib
+        except ImportError as exc:
+            raise EncoderUnavailable(f"cannot import dlib: {exc}") from None
+        # found without importing it: its __init__ imports pkg_resources, slow and deprecated
+        spec = importlib.util.find_spec("face_recognition_models")
+        if spec is None or not spec.submodule_search_locations:
+            raise EncoderUnavailable("face_recognition_models is not installed; run `uv sync` in the project folder")
+        self.dlib = dlib
+        self.files = Path(list(spec.submodule_search_locations)[0]) / "models"
+
+    def _load(self, make, name: str):
+        path = self.files / name
+        try:
+            return make(str(path))
+        except RuntimeError as exc:  # dlib's error for a missing or damaged file
+            raise EncoderUnavailable(f"cannot load the face model {path}: {exc}") from None
+
+    @functools.cached_property
+    def hog(self):
+        """dlib's frontal face detector, from the copy dlib saved of it in MODELS_DIR (equal to the
+        built-in one: tests/test_models.py), which loads in milliseconds; the built-in if it is missing."""
+        saved = MODELS_DIR / "frontal_face_detector.svm"
+        if saved.is_file():
             try:
-                import face_recognition  # noqa: PLC0415
-            except SystemExit:  # it calls quit() when face_recognition_models is missing
-                raise EncoderUnavailable(
-                    "face_recognition_models is not installed; run `uv sync` in the project folder"
-                ) from None
-            except ImportError as exc:
-                raise EncoderUnavailable(f"cannot import face_recognition/dlib: {exc}") from None
-        from PIL import ImageFile
+                return self.dlib.fhog_object_detector(str(saved))
+            except RuntimeError:
+                log.warning("cannot read %s: using dlib's built-in face detector", saved)
+        return self.dlib.get_frontal_face_detector()
 
-        # face_recognition silently enables decoding of truncated files for the whole process;
-        # we want a truncated photo reported, not half-processed.
-        ImageFile.LOAD_TRUNCATED_IMAGES = False
-        _fr = face_recognition
-    return _fr
+    @functools.cached_property
+    def cnn(self):
+        return self._load(self.dlib.cnn_face_detection_model_v1, "mmod_human_face_detector.dat")
+
+    @functools.cached_property
+    def encoder(self):
+        return self._load(self.dlib.face_recognition_model_v1, "dlib_face_recognition_resnet_model_v1.dat")
+
+    @functools.cached_property
+    def predictor_68(self):
+        return self._load(self.dlib.shape_predictor, "shape_predictor_68_face_landmarks.dat")
+
+    @functools.cached_property
+    def predictor_5(self):
+        return self._load(self.dlib.shape_predictor, "shape_predictor_5_face_landmarks.dat")
+
+    def predictor(self, landmarks: str):
+        """The landmark predictor: "large" = 68 points, "small" = 5."""
+        return self.predictor_5 if landmarks == "small" else self.predictor_68
+
+    def load(self, settings: "DetectionSettings") -> None:
+        """Load every model ``settings`` use now."""
+        self.hog, self.cnn, self.encoder, self.predictor(settings.landmarks)  # noqa: B018
+
+    def locations(self, img: np.ndarray, upsample: int, model: str = "hog") -> list["Box"]:
+        """face_recognition.face_locations: the detector's boxes, cut to the image."""
+        if model == "cnn":
+            return [_to_box(d.rect, img.shape) for d in self.cnn(img, upsample)]
+        return [_to_box(r, img.shape) for r in self.hog(img, upsample)]
+
+
+def face_models() -> FaceModels:
+    """This process's FaceModels (raises EncoderUnavailable if dlib or the model files are missing)."""
+    global _models
+    if _models is None:
+        _models = FaceModels()
+    return _models
 
 
 @dataclass(frozen=True)
@@ -144,7 +205,7 @@ def _to_box(rect, shape) -> Box:
     return (max(rect.top(), 0), min(rect.right(), shape[1]), min(rect.bottom(), shape[0]), max(rect.left(), 0))
 
 
-def _cnn_confirms(fr, img: np.ndarray, rect) -> bool:
+def _cnn_confirms(models: FaceModels, img: np.ndarray, rect) -> bool:
     """Does the CNN (mmod) detector find a face centred inside ``rect`` in a crop around it?
 
     The crop is resized so the face is ~100 px: a check costs about the same whatever the photo's
@@ -162,7 +223,7 @@ def _cnn_confirms(fr, img: np.ndarray, rect) -> bool:
     f = _CROP_FACE_PX / side
     crop = Image.fromarray(img[top:bottom, left:right])
     crop = crop.resize((max(1, round(crop.width * f)), max(1, round(crop.height * f))), Image.Resampling.BILINEAR)
-    for det in fr.api.cnn_face_detector(np.asarray(crop), 0):
+    for det in models.cnn(np.asarray(crop), 0):
         r = det.rect
         x = left + (r.left() + r.right()) / 2 / f
         y = top + (r.top() + r.bottom()) / 2 / f
@@ -171,7 +232,7 @@ def _cnn_confirms(fr, img: np.ndarray, rect) -> bool:
     return False
 
 
-def _full_search(fr, img: np.ndarray, settings: DetectionSettings) -> list[Box]:
+def _full_search(models: FaceModels, img: np.ndarray, settings: DetectionSettings) -> list[Box]:
     """HOG (or CNN) on the whole detection frame at ``settings.upsample``, plus the CNN-checked
     fallback on photos HOG finds empty.
 
@@ -181,22 +242,22 @@ def _full_search(fr, img: np.ndarray, settings: DetectionSettings) -> list[Box]:
     detector, which has to agree: two independent detectors, at a fraction of the CNN's cost on
     the whole photo."""
     if settings.model == "cnn" or settings.fallback_margin <= 0:
-        return fr.face_locations(img, number_of_times_to_upsample=settings.upsample, model=settings.model)
-    rects, scores, _ = fr.api.face_detector.run(img, settings.upsample, -settings.fallback_margin)
+        return models.locations(img, settings.upsample, settings.model)
+    rects, scores, _ = models.hog.run(img, settings.upsample, -settings.fallback_margin)
     found = [_to_box(r, img.shape) for r, sc in zip(rects, scores) if sc >= 0]
     if found:
         return found
     near = sorted(zip(scores, range(len(rects))), reverse=True)[:FALLBACK_CANDIDATES]
-    return [_to_box(rects[i], img.shape) for _, i in near if _cnn_confirms(fr, img, rects[i])]
+    return [_to_box(rects[i], img.shape) for _, i in near if _cnn_confirms(models, img, rects[i])]
 
 
-def _coarse_search(fr, frame: Frame, side: int) -> list[Box]:
+def _coarse_search(models: FaceModels, frame: Frame, side: int) -> list[Box]:
     """HOG at upsample 0 on a copy of ``frame`` scaled to ``side``; boxes in the frame's pixels."""
     h, w = frame.height, frame.width
     f = side / max(h, w)
     small = frame.scaled((max(1, round(w * f)), max(1, round(h * f))))
     boxes = []
-    for t, r, b, l in fr.face_locations(small, number_of_times_to_upsample=0):
+    for t, r, b, l in models.locations(small, 0):
         boxes.append((max(0, round(t / f)), min(w, round(r / f)), min(h, round(b / f)), max(0, round(l / f))))
     return boxes
 
@@ -221,14 +282,14 @@ def detect_faces(img: Frame | np.ndarray, settings: DetectionSettings) -> list[B
     there it is cheap. The coarse search's boxes are kept next to the full search's where the
     latter did not find that face.
     """
-    fr = _face_recognition()
+    models = face_models()
     frame = Frame.of(img)
     coarse: list[Box] = []
     if settings.model == "hog" and 0 < settings.coarse_side < max(frame.shape[:2]):
-        coarse = _coarse_search(fr, frame, settings.coarse_side)
+        coarse = _coarse_search(models, frame, settings.coarse_side)
         if coarse and min(min(b - t, r - l) for t, r, b, l in coarse) >= settings.fine_below:
             return coarse
-    full = _full_search(fr, frame.whole(), settings)
+    full = _full_search(models, frame.whole(), settings)
     return full + [c for c in coarse if not any(_overlaps(c, f) for f in full)]
 
 
@@ -309,11 +370,10 @@ def encode_faces(img: Frame | np.ndarray, boxes: list[Box], settings: DetectionS
     encoded on the same detection frame as one found by the full search, and a face is encoded on
     the frame's region around it (:func:`_face_area`) only when that reads the same pixels.
     """
-    import dlib  # noqa: PLC0415 - this module is the only one that imports dlib
-
-    fr = _face_recognition()
+    models = face_models()
+    dlib = models.dlib
     frame = Frame.of(img)
-    predictor = fr.api.pose_predictor_5_point if settings.landmarks == "small" else fr.api.pose_predictor_68_point
+    predictor = models.predictor(settings.landmarks)
     out = []
     for box in boxes:
         area = _face_area(frame, box)
@@ -324,10 +384,10 @@ def encode_faces(img: Frame | np.ndarray, boxes: list[Box], settings: DetectionS
             top, right, bottom, left = box
             shape = predictor(area.pixels, dlib.rectangle(left, top, right, bottom))
         chip = dlib.get_face_chip(area.pixels, shape, size=150, padding=0.25)
-        enc = np.array(fr.api.face_encoder.compute_face_descriptor(chip, settings.num_jitters))
+        enc = np.array(models.encoder.compute_face_descriptor(chip, settings.num_jitters))
         if settings.mirror:
             flipped = np.ascontiguousarray(chip[:, ::-1])
-            enc = (enc + np.array(fr.api.face_encoder.compute_face_descriptor(flipped, settings.num_jitters))) / 2
+            enc = (enc + np.array(models.encoder.compute_face_descriptor(flipped, settings.num_jitters))) / 2
         if settings.normalize:
             enc = enc / max(float(np.linalg.norm(enc)), 1e-12)
         out.append(enc)
@@ -412,7 +472,7 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
-def _worker_init(parent: int) -> None:
+def _worker_init(parent: int, settings: DetectionSettings | None = None) -> None:
     # Ctrl-C in a terminal signals the whole process group: only the parent decides when to
     # stop (it finishes the batch, then shuts the pool down). SIGTERM keeps its default: the
     # executor terminates the workers of a broken pool with it (systemd's KillMode=mixed sends
@@ -421,18 +481,18 @@ def _worker_init(parent: int) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _exit_with_parent(parent)
-    preload_models()
+    preload_models(settings)
 
 
-def preload_models() -> None:
-    """Load the face models in this process, with one BLAS/OpenMP thread (the pool already uses
-    every core). Run by each worker, and first by the fork server (organizer.encode_preload), whose
-    workers then start with the models loaded. A failure is left for the first task to report,
-    with its message (a failing initializer breaks the pool)."""
+def preload_models(settings: DetectionSettings | None = None) -> None:
+    """Load the face models ``settings`` (default: the defaults) use in this process, with one
+    BLAS/OpenMP thread (the pool already uses every core). Run by each worker, and first by the fork
+    server (organizer.encode_preload), whose workers then start with the default models loaded. A
+    failure is left for the first task to report, with its message (a failing initializer breaks the pool)."""
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
     try:
-        _face_recognition()
+        face_models().load(settings or DetectionSettings())
     except EncoderUnavailable:
         pass
 
@@ -490,7 +550,7 @@ class EncoderPool:
         process need not load the models itself)."""
         if self.workers <= 0:
             if wait:
-                _face_recognition()
+                check_models(self.settings)
             return
         if self._starter is None:  # a second call waits for the first one's loading
             self._starter = threading.Thread(target=self._start_workers, name="encoder-start", daemon=True)
@@ -503,7 +563,7 @@ class EncoderPool:
     def _start_workers(self) -> None:
         try:
             pool = self._new_pool()
-            self._loading = [pool.submit(check_models) for _ in range(self.workers)]
+            self._loading = [pool.submit(check_models, self.settings) for _ in range(self.workers)]
             for fut in self._loading:
                 fut.add_done_callback(lambda f: f.exception())  # unless waited for, a failure shows with the first photo
         except BaseException as exc:  # noqa: BLE001 - handed to the caller by _started()
@@ -560,7 +620,7 @@ class EncoderPool:
     def _new_pool(self) -> cf.ProcessPoolExecutor:
         if self._pool is None:
             self._pool = cf.ProcessPoolExecutor(
-                self.workers, mp_context=_pool_context(), initializer=_worker_init, initargs=(os.getpid(),)
+                self.workers, mp_context=_pool_context(), initializer=_worker_init, initargs=(os.getpid(), self.settings)
             )
         return self._pool
 
@@ -583,7 +643,7 @@ class EncoderPool:
         that raises, or whose worker dies, yields ``failed(job, message)`` instead. ``ahead``: use
         the futures prefetch() started for these jobs."""
         if self.workers <= 0:
-            _face_recognition()
+            check_models(self.settings)
             for job in jobs:
                 yield job, task(*job, self.settings)
             return
@@ -636,9 +696,10 @@ class EncoderPool:
             self._pool = None
 
 
-def check_models() -> None:
-    """Raise EncoderUnavailable unless the models load (`organizer run` at start-up; in each worker at EncoderPool.start)."""
-    _face_recognition()
+def check_models(settings: DetectionSettings | None = None) -> None:
+    """Raise EncoderUnavailable unless the models ``settings`` use load (`organizer run` at start-up;
+    in each worker at EncoderPool.start)."""
+    face_models().load(settings or DetectionSettings())
 
 
 def chinese_whispers(enc: np.ndarray, threshold: float) -> np.ndarray:

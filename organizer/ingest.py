@@ -32,8 +32,8 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".
 # Files that are still being written by a browser, rsync, a download manager or an editor.
 PARTIAL_SUFFIXES = frozenset({".part", ".partial", ".crdownload", ".download", ".tmp", ".temp", ".swp"})
 
-# Never decode a truncated file as if it were whole: face_recognition turns this on globally when
-# imported, encode.py turns it off again, and we pin it here too.
+# Never decode a truncated file as if it were whole (face_recognition, if anything imports it,
+# turns this on for the whole process; encode.py loads its models without importing it).
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 # The decompression-bomb guard is ``max_pixels``, checked in load_for_detection before anything is
 # decoded. PIL's own fixed limit (2 x 89 MP, raised inside Image.open) would otherwise refuse a

@@ -174,16 +174,16 @@ def test_unusual_image_found_and_sorted_with_its_person(bad_run, kind):
 def test_rotated_copies_hide_the_face_unless_orientation_is_applied(bad_run):
     """Guards the orientation test itself: the stored pixels of a turned copy show no upright
     face, so the face is only found because the organizer applies the EXIF orientation."""
-    from organizer.encode import _face_recognition
+    from organizer.encode import face_models
 
-    face_recognition = _face_recognition()  # imported the way the organizer does (quietly)
+    models = face_models()
     corpus = bad_run["watch"] / "corpus"
     for o in (3, 5, 6, 7, 8):
         with Image.open(corpus / f"orientation_{o}.jpg") as im:
             raw = np.asarray(im.convert("RGB"))
-        assert face_recognition.face_locations(raw, 1) == [], f"orientation {o}: face visible unrotated"
+        assert models.locations(raw, 1) == [], f"orientation {o}: face visible unrotated"
     with Image.open(corpus / "orientation_1.jpg") as im:
-        assert len(face_recognition.face_locations(np.asarray(im.convert("RGB")), 1)) == 1
+        assert len(models.locations(np.asarray(im.convert("RGB")), 1)) == 1
 
 
 def test_bad_input_changes_no_original_and_nothing_outside(bad_run):
