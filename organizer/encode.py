@@ -60,13 +60,17 @@ class FaceModels:
             raise EncoderUnavailable("face_recognition_models is not installed; run `uv sync` in the project folder")
         self.dlib = dlib
         self.files = Path(list(spec.submodule_search_locations)[0]) / "models"
+        if not self.files.is_dir():
+            raise EncoderUnavailable(f"face_recognition_models is not installed whole (no {self.files}); "
+                                     "run `uv sync` in the project folder")
 
     def _load(self, make, name: str):
         path = self.files / name
         try:
             return make(str(path))
         except RuntimeError as exc:  # dlib's error for a missing or damaged file
-            raise EncoderUnavailable(f"cannot load the face model {path}: {exc}") from None
+            raise EncoderUnavailable(f"cannot load the face model {path} ({exc}); run `uv sync --reinstall-package "
+                                     "face-recognition-models` in the project folder") from None
 
     @functools.cached_property
     def hog(self):
