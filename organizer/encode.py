@@ -701,8 +701,8 @@ class EncoderPool:
 
 
 def check_models(settings: DetectionSettings | None = None) -> None:
-    """Raise EncoderUnavailable unless the models ``settings`` use load (`organizer run` at start-up;
-    in each worker at EncoderPool.start)."""
+    """Raise EncoderUnavailable unless the models ``settings`` use load (in each worker at
+    EncoderPool.start; in the calling process when there are no workers)."""
     face_models().load(settings or DetectionSettings())
 
 

@@ -25,7 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .config import Settings
-from .encode import EncoderUnavailable, check_models
+from .encode import EncoderPool, EncoderUnavailable
+from .executors import encoder_for
 from .ingest import discover
 from .layout import Layout, WatchState
 from .library import growing_grace
@@ -122,17 +123,24 @@ class Service:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         layout = Layout.of(s)
+        # workers ready before the first photo arrives (a drop is seen in seconds); they load the
+        # models while this process opens the store
+        encoder = None
         try:
-            check_models()
+            encoder = encoder_for(s)
+            encoder.start()
             store = Store.open(s.db_path)
         except (StoreError, EncoderUnavailable) as exc:
+            if encoder is not None:
+                encoder.close()
             log.error("%s", exc)
             return 1
         tree = None
         org = None
         try:
-            org = Organizer(s, store)
-            org.encoder.start()  # workers ready before the first photo arrives (a drop is seen in seconds)
+            org = Organizer(s, store, encoder=encoder)
+            if not self._encoder_ready(encoder):
+                return 1
             if not self._make_inbox(layout, store):
                 return 1
             settler = Settler(s.service.settle_seconds)
@@ -175,6 +183,20 @@ class Service:
             if org is not None:
                 org.close()
             store.close()
+
+    @staticmethod
+    def _encoder_ready(encoder) -> bool:
+        """Wait for the local encoder processes to load the models, which is the check that they
+        can (this process never loads them: ~100 MB less for a long-running service); False, with
+        the reason logged, if they cannot. A cluster's workers are not waited for: they may join later."""
+        if not isinstance(encoder, EncoderPool):
+            return True
+        try:
+            encoder.start(wait=True)
+        except EncoderUnavailable as exc:
+            log.error("%s", exc)
+            return False
+        return True
 
     @staticmethod
     def _make_inbox(layout: Layout, store: Store) -> bool:
