@@ -21,7 +21,6 @@ also with other numbers of reference photos per person (``--dev-refs``).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections import defaultdict
 from dataclasses import dataclass

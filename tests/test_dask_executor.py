@@ -13,7 +13,6 @@ pytest.importorskip("distributed")
 
 from organizer import executors  # noqa: E402
 from organizer.config import load_config  # noqa: E402
-from organizer.evaluate import tree_assignment  # noqa: E402
 from organizer.executors import DaskEncoder  # noqa: E402
 from organizer.pipeline import Organizer  # noqa: E402
 from organizer.store import Store  # noqa: E402

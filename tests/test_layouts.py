@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from .badfiles import ServiceProc, folders_holding, status_json, tree_index, wait_for
-from .conftest import DEV, run_organizer, tree_hashes
+from .badfiles import ServiceProc, folders_holding, tree_index, wait_for
+from .conftest import DEV, run_organizer
 
 A, B = "Tony_Blair", "Colin_Powell"
 PER_PERSON = 4

@@ -13,10 +13,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
 
 from .badfiles import ServiceProc, folders_holding, wait_for
-from .conftest import DEV, organizer_cmd, run_organizer, tree_hashes
+from .conftest import DEV, run_organizer, tree_hashes
 
 A, B = "Colin_Powell", "Tony_Blair"
 

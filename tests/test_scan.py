@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-from collections import defaultdict
-from pathlib import Path
 
 from organizer.evaluate import labelled_photos, pairwise_scores, photo_key, tree_assignment
 
