@@ -564,6 +564,11 @@ class EncoderPool:
             for fut in self._loading:
                 fut.result()
 
+    def check(self) -> None:
+        """Raise EncoderUnavailable unless the workers can load the models (they load them; the
+        calling process need not)."""
+        self.start(wait=True)
+
     def _start_workers(self) -> None:
         try:
             pool = self._new_pool()

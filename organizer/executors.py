@@ -1,7 +1,7 @@
 """Where the encode stage runs: local encoder processes, or a dask.distributed cluster.
 
 :func:`make_encoder` picks one from the settings. Both answer the same calls (``map``,
-``reencode``, ``prefetch``, ``start``, ``close``); the store and the clustering stay in the calling
+``reencode``, ``prefetch``, ``start``, ``check``, ``close``); the store and the clustering stay in the calling
 process (the coordinator), which is the only writer.
 
 On a cluster each photo is read where it is when the worker sees the same file at the same path
@@ -98,6 +98,11 @@ class DaskEncoder:
         client = self._connect()
         if wait:
             client.wait_for_workers(1, timeout=120)
+
+    def check(self) -> None:
+        """Connect (raises EncoderUnavailable if the scheduler cannot be reached); the workers are
+        not waited for, as a cluster's may join later."""
+        self._connect()
 
     def _connect(self):
         if self._client is None:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .config import Settings
-from .encode import EncoderPool, EncoderUnavailable
+from .encode import EncoderUnavailable
 from .executors import encoder_for
 from .ingest import discover
 from .layout import Layout, WatchState
@@ -139,7 +139,10 @@ class Service:
         org = None
         try:
             org = Organizer(s, store, encoder=encoder)
-            if not self._encoder_ready(encoder):
+            try:
+                encoder.check()  # the workers load the models: this process never does
+            except EncoderUnavailable as exc:
+                log.error("%s", exc)
                 return 1
             if not self._make_inbox(layout, store):
                 return 1
@@ -183,20 +186,6 @@ class Service:
             if org is not None:
                 org.close()
             store.close()
-
-    @staticmethod
-    def _encoder_ready(encoder) -> bool:
-        """Wait for the local encoder processes to load the models, which is the check that they
-        can (this process never loads them: ~100 MB less for a long-running service); False, with
-        the reason logged, if they cannot. A cluster's workers are not waited for: they may join later."""
-        if not isinstance(encoder, EncoderPool):
-            return True
-        try:
-            encoder.start(wait=True)
-        except EncoderUnavailable as exc:
-            log.error("%s", exc)
-            return False
-        return True
 
     @staticmethod
     def _make_inbox(layout: Layout, store: Store) -> bool:

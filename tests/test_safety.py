@@ -13,7 +13,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-
 from .badfiles import ServiceProc, folders_holding, wait_for
 from .conftest import DEV, run_organizer, tree_hashes
 
